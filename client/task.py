@@ -1,0 +1,347 @@
+"""The ClientApp's work: who this node is, its data, and one train message -> one reply.
+
+Kept apart from :mod:`client.app` so that importing the app stays light (no torch); the handlers import this
+module on their first message.
+
+**Identity.** A node is the client ``partition-id`` of its node config (Flower's simulation sets it, a
+deployment passes ``--node-config "partition-id=0 num-partitions=3"``); the Flower node id is not used.
+
+**Data.** Either the node config names ``data-path``, the client's own ``.npz`` file with ``x`` (N examples,
+any shape after the first axis, flattened to N x D, float) and ``y`` (N labels: integers 0..C-1 for
+classification, floats for regression), or the client rebuilds partition ``partition-id`` of the run config's
+dataset exactly as the in-process engine does (:meth:`fedbayes.engine.Federation.build`).  Both are cached per
+process, so a simulation actor loads them once per run.
+
+**Device.** Node config ``device`` (auto|cpu|cuda) wins over the run config's ``device``.
+
+**Fault injection (tests only).** Node config ``fault="garbage"`` makes the node reply garbage to every train
+message without training: NaN arrays in odd rounds, arrays of the wrong shape in even rounds (the ServerApp must
+drop them and list the client as failed).  It is honoured **only** when the SuperNode's environment has
+``FEDBAYES_TEST_FAULTS=1`` (:data:`FAULTS_ENV`); otherwise the key is ignored with a warning and the node trains
+normally, so a production node config cannot trigger it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from torch import Tensor, nn
+
+from fedbayes.config import Experiment
+from server.runconfig import FlowerOptions, experiment_from_run_config
+
+__all__ = [
+    "DEVICES",
+    "FAULTS",
+    "FAULTS_ENV",
+    "LocalData",
+    "NodeSpec",
+    "garbage_reply",
+    "handle_query",
+    "handle_train",
+    "load_npz",
+    "local_data",
+    "node_fault",
+    "node_spec",
+    "records_from_content",
+    "reply_content",
+]
+
+DEVICES = ("auto", "cpu", "cuda")
+CONFIG_RECORD = "config"
+METRIC_RECORD = "metrics"
+FAULTS = ("garbage",)
+"""Values of node config ``fault`` (honoured only with :data:`FAULTS_ENV` = 1)."""
+FAULTS_ENV = "FEDBAYES_TEST_FAULTS"
+"""The environment variable that must be ``1`` in the SuperNode's environment for ``fault`` to act."""
+
+log = logging.getLogger("flwr")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What a node's config says about it."""
+
+    partition_id: int
+    num_partitions: int | None
+    data_path: Path | None
+    device: str | None
+
+
+def _int_value(key: str, v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError(f"node config '{key}' must be an integer, got {v!r}")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v.strip())
+    raise ValueError(f"node config '{key}' must be an integer, got {v!r}")
+
+
+def node_spec(node_config: Mapping[str, Any], num_clients: int) -> NodeSpec:
+    """Validate a node config against the run's ``num-clients``.
+
+    Raises
+    ------
+    ValueError
+        Missing or non-integer ``partition-id``, a ``partition-id`` outside ``[0, num-clients)``, a
+        ``num-partitions`` that differs from ``num-clients``, an unknown ``device``; the message names the key.
+    """
+    if "partition-id" not in node_config:
+        raise ValueError(
+            f"node config lacks 'partition-id' (has {sorted(node_config)}); start the SuperNode with "
+            f"--node-config \"partition-id=<0..{num_clients - 1}> num-partitions={num_clients}\""
+        )
+    pid = _int_value("partition-id", node_config["partition-id"])
+    if not 0 <= pid < num_clients:
+        raise ValueError(f"node config 'partition-id'={pid} is out of range [0, {num_clients}) (run's num-clients)")
+    nparts = None
+    if "num-partitions" in node_config:
+        nparts = _int_value("num-partitions", node_config["num-partitions"])
+        if nparts != num_clients:
+            raise ValueError(
+                f"node config 'num-partitions'={nparts} differs from the run config's num-clients={num_clients} "
+                f"(simulation: --federation-config \"num-supernodes={num_clients}\", or -c \"num-clients={nparts}\")"
+            )
+    data_path = None
+    if "data-path" in node_config:
+        raw = node_config["data-path"]
+        if not isinstance(raw, str) or not raw.strip():
+            raise ValueError(f"node config 'data-path' must be a file path string, got {raw!r}")
+        data_path = Path(raw).expanduser()
+    device = None
+    if "device" in node_config:
+        device = str(node_config["device"])
+        if device not in DEVICES:
+            raise ValueError(f"node config 'device' must be one of {list(DEVICES)}, got {device!r}")
+    return NodeSpec(pid, nparts, data_path, device)
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class LocalData:
+    """A client's model (the architecture; weights come with every message) and its examples."""
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    source: str
+    """``"partition"`` (rebuilt from the run config) or ``"file"`` (node config ``data-path``)."""
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.x.shape[0])
+
+
+def load_npz(path: Path, exp: Experiment) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check a client's ``.npz`` file (``x``: N x ..., ``y``: N labels).
+
+    Raises
+    ------
+    ValueError
+        Unreadable file, missing arrays, wrong shapes or dtypes, labels out of range; the message names the
+        path and the problem.
+    """
+    from fedbayes.data.datasets import get_spec
+
+    where = f"node config 'data-path' {str(path)!r}"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.files)
+            if "x" not in names or "y" not in names:
+                raise ValueError(f"{where}: the file must hold arrays 'x' and 'y', it has {names}")
+            x, y = np.asarray(z["x"]), np.asarray(z["y"])
+    except ValueError as e:
+        if str(e).startswith(where):
+            raise
+        raise ValueError(f"{where}: cannot read it as a .npz file ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read it ({e.strerror or e})") from None
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"{where}: 'x' must have shape (N, features...) with N >= 1, got {x.shape}")
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"{where}: 'x' must be numeric, got dtype {x.dtype}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"{where}: 'y' must have shape ({x.shape[0]},) to match 'x', got {y.shape}")
+    x = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{where}: 'x' contains NaN or Inf")
+    spec = get_spec(exp.run.dataset)
+    if spec.task == "classification":
+        if y.dtype.kind not in "iu" and not (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
+            raise ValueError(f"{where}: 'y' must hold integer class labels, got dtype {y.dtype}")
+        if y.min() < 0 or y.max() >= spec.num_classes:
+            raise ValueError(
+                f"{where}: labels must be in [0, {spec.num_classes}) for {exp.run.dataset}, "
+                f"got [{y.min()}, {y.max()}]"
+            )
+        y = y.astype(np.int64)
+    else:
+        if y.dtype.kind not in "fiu" or not np.isfinite(y).all():
+            raise ValueError(f"{where}: 'y' must hold finite numbers for regression, got dtype {y.dtype}")
+        y = y.astype(np.float32)
+    return x, y
+
+
+_lock = threading.Lock()
+_cache: dict[str, LocalData] = {}
+
+
+def _data_key(exp: Experiment, spec: NodeSpec, opts: FlowerOptions) -> str:
+    flat = exp.to_flat()
+    flat.pop("device", None)
+    if spec.data_path is not None:
+        st = spec.data_path.stat() if spec.data_path.exists() else None
+        src = ["file", str(spec.data_path.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0]
+    else:
+        src = ["partition", spec.partition_id, str(opts.data_dir)]
+    return json.dumps([flat, src], sort_keys=True, default=str)
+
+
+def _build(exp: Experiment, spec: NodeSpec, opts: FlowerOptions) -> LocalData:
+    import torch
+
+    from fedbayes.config import resolve
+    from fedbayes.engine import Federation, make_model
+
+    cpu_exp = resolve({**exp.to_flat(), "device": "cpu", "store": "memory"})  # the device is chosen per call
+    if spec.data_path is None:
+        fed = Federation.build(cpu_exp, data_dir=opts.data_dir)
+        x, y = fed.client_data[spec.partition_id]
+        return LocalData(fed.model, x, y, "partition")
+    from fedbayes.data import Dataset
+    from fedbayes.data.datasets import get_spec
+
+    x_np, y_np = load_npz(spec.data_path, exp)
+    ds_spec = get_spec(exp.run.dataset)
+    shape = (int(x_np.shape[1]),)
+    ds = Dataset(exp.run.dataset, x_np, y_np, x_np[:0], y_np[:0], ds_spec.task, ds_spec.num_classes, shape)
+    ydt = torch.long if ds.task == "classification" else torch.float32
+    return LocalData(make_model(cpu_exp, ds), torch.from_numpy(x_np), torch.from_numpy(y_np).to(ydt), "file")
+
+
+def local_data(exp: Experiment, spec: NodeSpec, opts: FlowerOptions) -> LocalData:
+    """This node's model and data, built once per process and run config."""
+    key = _data_key(exp, spec, opts)
+    with _lock:
+        if key not in _cache:
+            if len(_cache) >= 8:
+                _cache.pop(next(iter(_cache)))
+            _cache[key] = _build(exp, spec, opts)
+        return _cache[key]
+
+
+# ------------------------------------------------------------------------------------------- messages
+def records_from_content(content: RecordDict) -> dict[str, dict[str, np.ndarray]]:
+    """Flower ``ArrayRecord``s -> the wire format of :mod:`fedbayes.protocol` (``{record: {param: array}}``)."""
+    return {name: {k: arr.numpy() for k, arr in rec.items()} for name, rec in content.array_records.items()}
+
+
+def reply_content(records: Mapping[str, Mapping[str, np.ndarray]], metrics: Mapping[str, Any]) -> RecordDict:
+    """The wire format -> a ``RecordDict`` of ``ArrayRecord``s plus the ``metrics`` ``MetricRecord``."""
+    rd = RecordDict()
+    for name, rec in records.items():
+        rd[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in rec.items()})
+    rd[METRIC_RECORD] = MetricRecord(dict(metrics))
+    return rd
+
+
+def _setup(context: Context) -> tuple[Experiment, NodeSpec, FlowerOptions]:
+    exp, opts = experiment_from_run_config(context.run_config)
+    return exp, node_spec(context.node_config, exp.run.num_clients), opts
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """Reply with this node's ``partition-id``, ``num-examples`` and whether it uses its own data file."""
+    exp, spec, opts = _setup(context)
+    data = local_data(exp, spec, opts)
+    metrics: dict[str, Any] = {
+        "partition-id": spec.partition_id,
+        "num-examples": data.num_examples,
+        "own-data": int(data.source == "file"),
+    }
+    return Message(RecordDict({METRIC_RECORD: MetricRecord(metrics)}), reply_to=msg)
+
+
+def _check_fit(model: nn.Module, records: Mapping[str, Mapping[str, np.ndarray]], data: LocalData) -> None:
+    if data.source != "file" or "prior.eta" not in records:
+        return
+    for name, p in model.named_parameters():
+        got = records["prior.eta"].get(name)
+        if got is not None and tuple(got.shape) != tuple(p.shape):
+            raise ValueError(
+                f"node config 'data-path': the file's x has {data.x.shape[1]} features, which gives the local model "
+                f"parameter '{name}' shape {tuple(p.shape)}, but the server sent {tuple(got.shape)}; the file must "
+                f"have the feature count of the run's dataset"
+            )
+
+
+def node_fault(node_config: Mapping[str, Any]) -> str | None:
+    """The node config's ``fault`` if fault injection is enabled (``FEDBAYES_TEST_FAULTS=1``), else None.
+
+    Raises
+    ------
+    ValueError
+        Fault injection is enabled and ``fault`` is not one of :data:`FAULTS`.
+    """
+    if "fault" not in node_config:
+        return None
+    fault = str(node_config["fault"])
+    if os.environ.get(FAULTS_ENV) != "1":
+        log.warning("node config 'fault'=%r ignored: fault injection is for tests and needs %s=1 in the "
+                    "SuperNode's environment", fault, FAULTS_ENV)
+        return None
+    if fault not in FAULTS:
+        raise ValueError(f"node config 'fault' must be one of {list(FAULTS)}, got {fault!r}")
+    return fault
+
+
+def garbage_reply(records: Mapping[str, Mapping[str, np.ndarray]], config: Mapping[str, Any],
+                  num_examples: int) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """A well-formed reply with garbage arrays: NaN in odd rounds, one extra row (wrong shape) in even rounds."""
+    prior = records["prior.eta"]
+    names = ["site.eta", "site.prec"] if config.get("reply") == "site" else ["mean"]
+    odd = int(config.get("round", 1)) % 2 == 1
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name in names:
+        if odd:
+            out[name] = {k: np.full(v.shape, np.nan, dtype=np.float32) for k, v in prior.items()}
+        else:
+            out[name] = {k: np.ones((v.shape[0] + 1, *v.shape[1:]), dtype=np.float32) for k, v in prior.items()}
+    return out, {"num-examples": num_examples, "train-loss": float("nan")}
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """Decode the message, train under the prior (:func:`fedbayes.protocol.execute`), reply."""
+    from fedbayes.engine import resolve_device
+    from fedbayes.protocol import execute
+
+    exp, spec, opts = _setup(context)
+    if CONFIG_RECORD not in msg.content.config_records:
+        raise ValueError(f"train message lacks the '{CONFIG_RECORD}' ConfigRecord")
+    config = dict(msg.content.config_records[CONFIG_RECORD])
+    target: Any = config.get("partition-id")
+    if target is not None and target != spec.partition_id:
+        raise ValueError(f"train message for partition {target} reached the node with partition-id {spec.partition_id}")
+    fault = node_fault(context.node_config)
+    data = local_data(exp, spec, opts)
+    records = records_from_content(msg.content)
+    _check_fit(data.model, records, data)
+    if fault == "garbage":
+        reply, metrics = garbage_reply(records, config, data.num_examples)
+        return Message(reply_content(reply, {**metrics, "partition-id": spec.partition_id}), reply_to=msg)
+    device = resolve_device(spec.device or exp.run.device)
+    reply, metrics = execute(data.model, records, config, data.x, data.y, device=device)
+    metrics = {**metrics, "partition-id": spec.partition_id}
+    return Message(reply_content(reply, metrics), reply_to=msg)

@@ -1,0 +1,335 @@
+"""What every server rule is: a prior per client, the local settings it asks for, and an update of explicit state.
+
+An algorithm here is two things only (DESIGN §2): which Gaussian prior πₖ = (η, s) to send to client k (and
+where to start), and how to update the global state and the per-client sites/duals from the replies.  The
+local problem is always :func:`fedbayes.local.train_local` under that prior; hyperparameters are mapped onto
+(πₖ, local settings) by each module, whose docstring gives its equations and paper.
+
+State is explicit: ``self.server`` (named float64 tensors: the global mean/posterior, FedDyn's h, …) and
+``self.store`` (per-client named tensors: sites, duals, last means) behind a small storage interface
+(:class:`MemoryStore`, :class:`DiskStore`).  :meth:`Algorithm.state_tensors` flattens both, so a checkpoint is
+one safetensors file and a resumed run continues bit for bit.
+
+**Partial participation.** None of the reference implementations samples clients.  We choose the PVI /
+FedDyn convention: an absent client keeps its last site, dual and local mean (stale), and every global
+quantity sums or averages over **all K** clients — so a round with a subset S moves only the terms of S, and
+full participation is the special case S = {1..K}.  A client that never replied contributes its initial
+state (zero site/dual; for mean-based rules, the initial global mean).  K in α = 1/(1+ρK) is the total count.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from fedbayes.gaussian import DiagGaussian, Params
+
+__all__ = [
+    "Algorithm",
+    "AlgorithmConfig",
+    "ClientStore",
+    "ClientTask",
+    "ClientUpdate",
+    "DiskStore",
+    "MemoryStore",
+    "gaussian_from",
+    "gaussian_to",
+]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class AlgorithmConfig(BaseModel):
+    """Base of each algorithm's hyperparameters (kebab-case keys, unknown keys rejected)."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True)
+
+    min_prec: float = 1e-8
+    """Floor applied wherever a global precision is formed (it is inverted for the mean)."""
+
+
+@dataclass
+class ClientTask:
+    """What the server sends client k: its prior, an optional start point and local-setting overrides."""
+
+    prior: DiagGaussian
+    start_mean: Params | None = None
+    start_prec: Params | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdate:
+    """A validated reply: the client's mean, its site (Bayesian rules and Laplace), Nₖ and metrics."""
+
+    client: int
+    num_examples: int
+    mean: Params | None = None
+    site: DiagGaussian | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- storage
+class ClientStore(ABC):
+    """Per-client named tensors (float64), e.g. ``store.get(3, "site.eta/fc.weight")``."""
+
+    @abstractmethod
+    def get_all(self, client: int) -> dict[str, Tensor]: ...
+
+    @abstractmethod
+    def put_all(self, client: int, tensors: Mapping[str, Tensor]) -> None: ...
+
+    @abstractmethod
+    def clients(self) -> list[int]: ...
+
+
+class MemoryStore(ClientStore):
+    def __init__(self) -> None:
+        self._d: dict[int, dict[str, Tensor]] = {}
+
+    def get_all(self, client: int) -> dict[str, Tensor]:
+        return dict(self._d.get(client, {}))
+
+    def put_all(self, client: int, tensors: Mapping[str, Tensor]) -> None:
+        self._d[client] = {k: v.clone() for k, v in tensors.items()}
+
+    def clients(self) -> list[int]:
+        return sorted(self._d)
+
+
+class DiskStore(ClientStore):
+    """One safetensors file per client under ``root`` (for many clients or large models); atomic writes."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, client: int) -> Path:
+        return self.root / f"client-{client:06d}.safetensors"
+
+    def get_all(self, client: int) -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        p = self._path(client)
+        return load_file(str(p)) if p.exists() else {}
+
+    def put_all(self, client: int, tensors: Mapping[str, Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self._path(client).with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(self._path(client))
+
+    def clients(self) -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in self.root.glob("client-*.safetensors"))
+
+
+def gaussian_to(prefix: str, g: DiagGaussian) -> dict[str, Tensor]:
+    out = {f"{prefix}.eta/{k}": v for k, v in g.eta.items()}
+    out.update({f"{prefix}.prec/{k}": v for k, v in g.prec.items()})
+    return out
+
+
+def gaussian_from(prefix: str, tensors: Mapping[str, Tensor], names: Iterable[str]) -> DiagGaussian | None:
+    names = list(names)
+    if f"{prefix}.eta/{names[0]}" not in tensors:
+        return None
+    return DiagGaussian(
+        {k: tensors[f"{prefix}.eta/{k}"] for k in names}, {k: tensors[f"{prefix}.prec/{k}"] for k in names}
+    )
+
+
+def params_to(prefix: str, p: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {f"{prefix}/{k}": v for k, v in p.items()}
+
+
+def params_from(prefix: str, tensors: Mapping[str, Tensor], names: Iterable[str]) -> Params | None:
+    names = list(names)
+    if f"{prefix}/{names[0]}" not in tensors:
+        return None
+    return {k: tensors[f"{prefix}/{k}"] for k in names}
+
+
+# ---------------------------------------------------------------------------------------------- algorithm
+class Algorithm(ABC):
+    """A federated server rule over natural parameters.
+
+    Parameters
+    ----------
+    template
+        The model's named parameters (names, shapes; values are the initial global mean).
+    num_clients
+        K, the total number of clients (global sums run over all K).
+    config
+        The algorithm's hyperparameters (an instance of ``Config``).
+    store
+        Per-client storage (in memory by default).
+    active
+        The clients that belong to the federation (default all K).  Clients outside it (``exclude-clients``,
+        e.g. after ``fedbayes forget``) count nowhere: not in averages, not in K of α = 1/(1+ρK), not in sums.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    bayesian: ClassVar[bool] = False
+    """Clients send sites; the global model is a posterior (BMA evaluation applies)."""
+    Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam"}
+    """Local settings this rule asks for (a user's explicit local settings override them)."""
+
+    def __init__(
+        self,
+        template: Mapping[str, Tensor],
+        num_clients: int,
+        config: AlgorithmConfig | None = None,
+        store: ClientStore | None = None,
+        active: Sequence[int] | None = None,
+    ) -> None:
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        self.active = sorted(set(active)) if active is not None else list(range(num_clients))
+        if not self.active or not all(0 <= c < num_clients for c in self.active):
+            raise ValueError(f"active clients must be a non-empty subset of [0, {num_clients}), got {active}")
+        self.names = list(template)
+        self.shapes = {k: tuple(v.shape) for k, v in template.items()}
+        self.K = num_clients
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"{self.name}: config must be {self.Config.__name__}")
+        self.store = store if store is not None else MemoryStore()
+        self.server: dict[str, Tensor] = {}
+        self.init_state({k: v.detach().to(torch.float64).clone() for k, v in template.items()})
+
+    # -- the rule -------------------------------------------------------------------------------------
+    @abstractmethod
+    def init_state(self, init_mean: Params) -> None:
+        """Set the round-0 state from the model's initial weights."""
+
+    @abstractmethod
+    def configure(self, client: int, server_round: int) -> ClientTask:
+        """The prior (and start point) for ``client`` in ``server_round``."""
+
+    @abstractmethod
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        """Update the state from the replies of this round (absent clients stay stale)."""
+
+    @abstractmethod
+    def global_mean(self) -> Params:
+        """The global model's parameters (float64)."""
+
+    def global_posterior(self) -> DiagGaussian | None:
+        """The global diagonal posterior, for Bayesian rules."""
+        return None
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def zeros(self) -> Params:
+        return {k: torch.zeros(s, dtype=torch.float64) for k, s in self.shapes.items()}
+
+    def full(self, value: float) -> Params:
+        return {k: torch.full(s, float(value), dtype=torch.float64) for k, s in self.shapes.items()}
+
+    def flat_prior(self) -> DiagGaussian:
+        return DiagGaussian(self.zeros(), self.zeros())
+
+    def prior0(self, delta: float) -> DiagGaussian:
+        """λ₀ = N(0, δ⁻¹I)."""
+        return DiagGaussian(self.zeros(), self.full(delta))
+
+    def floor(self, g: DiagGaussian) -> DiagGaussian:
+        return g.clamp_prec(self.config.min_prec)
+
+    def client_site(self, client: int, prefix: str = "site") -> DiagGaussian:
+        g = gaussian_from(prefix, self.store.get_all(client), self.names)
+        return g if g is not None else self.flat_prior()
+
+    def sum_over_clients(self, prefix: str) -> DiagGaussian:
+        total = self.flat_prior()
+        for c in self.store.clients():
+            if c not in self.active:
+                continue
+            g = gaussian_from(prefix, self.store.get_all(c), self.names)
+            if g is not None:
+                total = total + g
+        return total
+
+    def check_update(self, u: ClientUpdate, need_site: bool) -> None:
+        if not 0 <= u.client < self.K:
+            raise ValueError(f"client id {u.client} out of range [0, {self.K})")
+        if u.client not in self.active:
+            raise ValueError(f"client {u.client} is not part of this federation (excluded)")
+        if need_site and u.site is None:
+            raise ValueError(f"{self.name}: client {u.client} sent no site")
+        if not need_site and u.mean is None:
+            raise ValueError(f"{self.name}: client {u.client} sent no mean")
+        # FIX (tests/test_algorithms.py): also reject a non-positive Nₖ (FedAvg divided by ΣNₖ = 0) and
+        # parameters whose names/shapes differ from the model's (point rules raised KeyError or broadcast).
+        if u.num_examples < 1:
+            raise ValueError(f"{self.name}: client {u.client} reports num_examples {u.num_examples} < 1")
+        for what, params in (("mean", u.mean), ("site", None if u.site is None else u.site.eta)):
+            if params is None:
+                continue
+            if list(params) != self.names or any(tuple(params[k].shape) != self.shapes[k] for k in self.names):
+                raise ValueError(f"{self.name}: client {u.client} sent a {what} with the wrong names/shapes")
+
+    def check_updates(self, updates: list[ClientUpdate]) -> None:
+        """Validate every reply before any state changes (FIX: previously the point rules never checked the
+        client id — FedLap summed a dual stored under an unknown id into m_g — and the site rules stored the
+        sites of earlier replies before raising on a later bad one).  A client listed twice is rejected too
+        (damping would be applied twice)."""
+        seen: set[int] = set()
+        for u in updates:
+            self.check_update(u, need_site=self.needs_site())
+            if u.client in seen:
+                raise ValueError(f"{self.name}: client {u.client} appears twice in one round")
+            seen.add(u.client)
+
+    @staticmethod
+    def mean_of(u: ClientUpdate) -> Params:
+        if u.mean is None:
+            raise ValueError(f"client {u.client} sent no mean")
+        return {k: v.double() for k, v in u.mean.items()}
+
+    def needs_site(self) -> bool:
+        """Whether replies must carry a site (Bayesian rules) rather than a mean."""
+        return self.bayesian
+
+    # -- state ----------------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Everything the rule needs to continue, as flat named tensors (server + every client)."""
+        out = {f"server/{k}": v for k, v in self.server.items()}
+        for c in self.store.clients():
+            out.update({f"client/{c}/{k}": v for k, v in self.store.get_all(c).items()})
+        return out
+
+    def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        server = {k[len("server/"):]: v.clone() for k, v in tensors.items() if k.startswith("server/")}
+        missing = set(self.server) - set(server)
+        if missing:
+            raise ValueError(f"{self.name}: checkpoint lacks server tensors {sorted(missing)[:5]}")
+        self.server = server
+        per: dict[int, dict[str, Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("client/"):
+                _, cid, rest = k.split("/", 2)
+                per.setdefault(int(cid), {})[rest] = v
+        for client, d in per.items():
+            self.store.put_all(client, d)
+
+
+def cosine_lr(base: float, server_round: int, num_rounds: int, final_fraction: float = 0.0) -> float:
+    """Cosine decay over rounds, as torch's CosineAnnealingLR(T_max=num_rounds) stepped once per round (the
+    reference code): lr_r = base·½(1 + cos(π(r − 1)/R)) for round r = 1..R, so the last round's lr stays > 0."""
+    if num_rounds <= 1:
+        return base
+    t = (server_round - 1) / num_rounds
+    return base * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * t)))

@@ -1,0 +1,43 @@
+"""FedAvg (McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data", 2017).
+
+Prior: none (s_π = 0); clients start at the global mean m_g and train locally (Adam by default, as the
+bayes-admm reference code does).  Server:
+
+    m_g ← Σ_{k∈S} Nₖ mₖ / Σ_{k∈S} Nₖ
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from fedbayes.algorithms.base import Algorithm, ClientTask, ClientUpdate, params_from, params_to
+from fedbayes.gaussian import Params
+
+__all__ = ["FedAvg", "weighted_mean"]
+
+
+def weighted_mean(updates: list[ClientUpdate], names: list[str]) -> Params:
+    total = float(sum(u.num_examples for u in updates))
+    return {k: sum((u.num_examples / total) * Algorithm.mean_of(u)[k] for u in updates) for k in names}  # type: ignore[misc]
+
+
+class FedAvg(Algorithm):
+    name: ClassVar[str] = "fedavg"
+    local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam", "lr": 1e-3}
+    summary: ClassVar[str] = "weighted average of local models (McMahan et al. 2017)"
+
+    def init_state(self, init_mean: Params) -> None:
+        self.server = params_to("mean", init_mean)
+
+    def global_mean(self) -> Params:
+        out = params_from("mean", self.server, self.names)
+        assert out is not None
+        return out
+
+    def configure(self, client: int, server_round: int) -> ClientTask:
+        return ClientTask(prior=self.flat_prior(), start_mean=self.global_mean())
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        self.check_updates(updates)  # FIX: validate all replies before touching state (base.check_updates)
+        if updates:
+            self.server = params_to("mean", weighted_mean(updates, self.names))

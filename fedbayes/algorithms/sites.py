@@ -1,0 +1,72 @@
+"""Damped-site rules shared by FedLap-Cov and PVI (partitioned variational inference).
+
+Global posterior λ_g = λ₀ + Σₖ λ̃ₖ over all K clients; client k gets its cavity λ₋ₖ = λ_g − λ̃ₖ and returns a
+new site λ̃ₖ_new = qₖ / λ₋ₖ (computed directly by the local trainer); the server damps:
+
+    λ̃ₖ ← (1 − ρ) λ̃ₖ + ρ λ̃ₖ_new        for k ∈ S,        λ_g ← λ₀ + Σ_{k=1..K} λ̃ₖ
+
+with λ₀ = N(0, δ⁻¹I).  Precisions of the global and of cavities are floored at ``min-prec`` before use (site
+precisions are ≥ 0, so cavities are at least λ₀ in exact arithmetic).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from fedbayes.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    ClientTask,
+    ClientUpdate,
+    gaussian_from,
+    gaussian_to,
+    params_from,
+    params_to,
+)
+from fedbayes.gaussian import DiagGaussian, Params
+
+__all__ = ["SiteConfig", "SiteRule"]
+
+
+class SiteConfig(AlgorithmConfig):
+    prior_prec: float = Field(1.0, gt=0.0, description="δ: precision of the prior λ₀ = N(0, δ⁻¹I)")
+    rho: float = Field(1.0, gt=0.0, le=1.0, description="site damping ρ ∈ (0, 1]")
+
+
+class SiteRule(Algorithm):
+    bayesian: ClassVar[bool] = True
+    Config = SiteConfig
+    config: SiteConfig
+    warm_start_prec: ClassVar[bool] = False
+
+    def init_state(self, init_mean: Params) -> None:
+        self.server = {**gaussian_to("global", self.prior0(self.config.prior_prec)), **params_to("start", init_mean)}
+
+    def global_posterior(self) -> DiagGaussian:
+        g = gaussian_from("global", self.server, self.names)
+        assert g is not None
+        return g
+
+    def global_mean(self) -> Params:
+        return self.floor(self.global_posterior()).mean()
+
+    def configure(self, client: int, server_round: int) -> ClientTask:
+        glob = self.floor(self.global_posterior())
+        cavity = self.floor(glob - self.client_site(client))
+        start = params_from("start", self.server, self.names) if server_round <= 1 else glob.mean()
+        return ClientTask(prior=cavity, start_mean=start, start_prec=glob.prec if self.warm_start_prec else None)
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        self.check_updates(updates)  # FIX: validate all replies before touching state (base.check_updates)
+        rho = self.config.rho
+        for u in updates:
+            self.check_update(u, need_site=True)
+            assert u.site is not None
+            new = u.site.to(dtype=torch.float64)
+            old = self.client_site(u.client)
+            self.store.put_all(u.client, gaussian_to("site", old.scale(1 - rho) + new.scale(rho)))
+        glob = self.prior0(self.config.prior_prec) + self.sum_over_clients("site")
+        self.server.update(gaussian_to("global", glob))

@@ -1,0 +1,267 @@
+"""The run configuration: one flat set of kebab-case keys, shared by the command line (``--set key=value``),
+presets (TOML), ``config.json`` and Flower's run config (``[tool.flwr.app.config]``, ``flwr run -c``).
+
+Keys split in two: the run's own (:class:`RunConfig`: data, model, clients, rounds, local training, …) and
+the chosen algorithm's hyperparameters (its ``Config`` model, e.g. ``rho``, ``prior-prec``).  Every key is
+validated before any training starts; an unknown key, a wrong type or an out-of-range value raises
+:class:`ConfigError` naming the key and what is allowed.
+
+Local-training keys left unset (``None``) take the algorithm's defaults (e.g. ``mode = "ivon"`` for
+bayes-admm), then :class:`fedbayes.local.LocalSettings`' defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedbayes.algorithms import REGISTRY, Algorithm, AlgorithmConfig, get_algorithm
+from fedbayes.data.datasets import dataset_names
+from fedbayes.data.partition import PARTITIONERS
+from fedbayes.models import model_names
+
+__all__ = ["LOCAL_KEYS", "ConfigError", "Experiment", "RunConfig", "load_config_file", "parse_sets", "resolve"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any training starts."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+LOCAL_KEYS = (
+    "mode", "epochs", "batch_size", "lr", "temperature", "mc_samples", "antithetic", "hess_init", "beta1",
+    "beta2", "clip_radius", "laplace", "momentum", "grad_clip", "max_steps", "loss", "noise_var",
+)
+
+
+class RunConfig(BaseModel):
+    """Everything about a run except the algorithm's own hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True)
+
+    algorithm: str = "bayes-admm"
+    dataset: str = "digits"
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (200, 100)
+    activation: Literal["sigmoid", "relu", "tanh", "gelu"] = "sigmoid"
+    num_clients: int = Field(10, ge=1, le=100_000)
+    partition: str = "dirichlet"
+    size_alpha: float = Field(1.0, gt=0.0)
+    class_alpha: float = Field(0.5, gt=0.0)
+    classes_per_client: int = Field(2, ge=1)
+    rounds: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+    clients_per_round: float = Field(1.0, gt=0.0)
+    """A fraction in (0, 1] of the K clients, or a whole number of clients > 1."""
+    eval_every: int = Field(1, ge=1)
+    bma_samples: int = Field(16, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    store: Literal["memory", "disk"] = "memory"
+    exclude_clients: tuple[int, ...] = ()
+    """Clients never asked to train (e.g. after ``fedbayes forget``); ids in [0, num-clients)."""
+    # reliability: failure injection (in-process engine) and the round deadline (Flower)
+    fail_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    """Probability that a chosen client fails this round (its reply never arrives); seeded per (round, client)."""
+    straggler_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    """Probability that a chosen client is too slow and misses the round deadline (its reply is discarded)."""
+    round_timeout: float = Field(0.0, ge=0.0)
+    """Seconds the Flower strategy waits for replies in a round (0: no deadline)."""
+    # local training (None: the algorithm's default, then LocalSettings')
+    mode: Literal["ivon", "adam", "sgd", "lbfgs"] | None = None
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0.0)
+    temperature: float | None = Field(None, gt=0.0)
+    mc_samples: int | None = Field(None, ge=1)
+    antithetic: bool | None = None
+    hess_init: float | None = Field(None, gt=0.0)
+    beta1: float | None = Field(None, ge=0.0, lt=1.0)
+    beta2: float | None = Field(None, ge=0.0, lt=1.0)
+    clip_radius: float | None = Field(None, gt=0.0)
+    laplace: bool | None = None
+    momentum: float | None = Field(None, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(None, ge=0.0)
+    max_steps: int | None = Field(None, ge=0)
+    loss: Literal["ce", "gaussian"] | None = None
+    noise_var: float | None = Field(None, gt=0.0)
+
+    @field_validator("hidden", mode="before")
+    @classmethod
+    def _hidden(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            parts = [p for p in v.replace("-", ",").split(",") if p.strip()]
+            try:
+                return tuple(int(p) for p in parts)
+            except ValueError as e:
+                raise ValueError(f"hidden must be widths like '200,100', got {v!r}") from e
+        if isinstance(v, int):
+            return (v,)
+        return v
+
+    @field_validator("exclude_clients", mode="before")
+    @classmethod
+    def _exclude(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return tuple(int(p) for p in v.replace(";", ",").split(",") if p.strip())
+            except ValueError as e:
+                raise ValueError(f"exclude-clients must be client ids like '1,3', got {v!r}") from e
+        if isinstance(v, int):
+            return (v,)
+        return v
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden_pos(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(h <= 0 for h in v):
+            raise ValueError(f"hidden widths must be positive, got {list(v)}")
+        return v
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algo(cls, v: str) -> str:
+        if v not in REGISTRY:
+            raise ValueError(f"unknown algorithm '{v}'; valid: {list(REGISTRY)}")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        if v not in dataset_names():
+            raise ValueError(f"unknown dataset '{v}'; valid: {dataset_names()}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if v not in model_names():
+            raise ValueError(f"unknown model '{v}'; valid: {model_names()}")
+        return v
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, v: str) -> str:
+        if v not in PARTITIONERS:
+            raise ValueError(f"unknown partition '{v}'; valid: {sorted(PARTITIONERS)}")
+        return v
+
+    @field_validator("clients_per_round")
+    @classmethod
+    def _cpr(cls, v: float) -> float:
+        if v > 1 and not float(v).is_integer():
+            raise ValueError(f"clients-per-round must be a fraction in (0, 1] or a whole number, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _exclude_range(self) -> RunConfig:
+        bad = [c for c in self.exclude_clients if not 0 <= c < self.num_clients]
+        if bad:
+            raise ValueError(f"exclude-clients {bad} out of range [0, {self.num_clients})")
+        if len(set(self.exclude_clients)) >= self.num_clients:
+            raise ValueError("exclude-clients leaves no client to train")
+        return self
+
+    def participants_per_round(self) -> int:
+        c = self.clients_per_round
+        available = self.num_clients - len(set(self.exclude_clients))
+        n = math.ceil(c * available) if c <= 1 else int(c)
+        return max(1, min(available, n))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A fully validated configuration: the run's keys and the algorithm's hyperparameters."""
+
+    run: RunConfig
+    algo: AlgorithmConfig
+
+    @property
+    def algorithm_cls(self) -> type[Algorithm]:
+        return get_algorithm(self.run.algorithm)
+
+    def local_overrides(self) -> dict[str, Any]:
+        """Local keys the user set explicitly (they win over the algorithm's local defaults)."""
+        return {k: getattr(self.run, k) for k in LOCAL_KEYS if getattr(self.run, k) is not None}
+
+    def to_flat(self) -> dict[str, Any]:
+        """All keys, kebab-case, JSON-ready (``config.json``); :func:`resolve` of it gives the same run."""
+        out = self.run.model_dump(by_alias=True, mode="json")
+        out.update(self.algo.model_dump(by_alias=True, mode="json"))
+        return out
+
+
+def _format(err: ValidationError, what: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or what
+        got = e.get("input")
+        lines.append(f"{loc}: {e['msg']} (got {got!r})")
+    return f"invalid {what}: " + "; ".join(lines)
+
+
+def resolve(flat: Mapping[str, Any]) -> Experiment:
+    """Validate a flat kebab-case (or snake_case) mapping into an :class:`Experiment`.
+
+    Raises
+    ------
+    ConfigError
+        Unknown key (listing the valid ones), wrong type or out-of-range value (naming the key).
+    """
+    norm = {str(k).replace("_", "-"): v for k, v in flat.items()}
+    run_keys = {_kebab(n) for n in RunConfig.model_fields}
+    run_part = {k: v for k, v in norm.items() if k in run_keys}
+    try:
+        run = RunConfig.model_validate(run_part)
+    except ValidationError as e:
+        raise ConfigError(_format(e, "run config")) from None
+    algo_cls = get_algorithm(run.algorithm)
+    algo_keys = {_kebab(n) for n in algo_cls.Config.model_fields}
+    unknown = sorted(k for k in norm if k not in run_keys and k not in algo_keys)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {unknown} for algorithm '{run.algorithm}'. "
+            f"Algorithm keys: {sorted(algo_keys)}. Run keys: {sorted(run_keys)}"
+        )
+    try:
+        algo = algo_cls.Config.model_validate({k: v for k, v in norm.items() if k in algo_keys})
+    except ValidationError as e:
+        raise ConfigError(_format(e, f"{run.algorithm} config")) from None
+    return Experiment(run=run, algo=algo)
+
+
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    """``["lr=0.1", "rho=0.2"]`` -> ``{"lr": "0.1", "rho": "0.2"}`` (types are checked by :func:`resolve`)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        if not k.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a flat ``config.json`` written by a run."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read config file {p}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a JSON object")
+    return data
+
+

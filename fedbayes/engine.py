@@ -1,0 +1,310 @@
+"""The in-process simulation engine: the same server rules, wire format and local trainer, called directly.
+
+One round r:
+
+1. choose the participants S (seeded by (seed, r): ``clients-per-round`` of the K clients);
+2. for k ∈ S: task = rule.configure(k, r) → :func:`fedbayes.protocol.encode_task` (float32, what would travel)
+   → :func:`fedbayes.protocol.execute` (the client's whole job) → :func:`fedbayes.protocol.decode_reply`
+   (validated; a bad reply is dropped and logged);
+3. rule.aggregate(r, replies); evaluate the global model (mean prediction, and the posterior-averaged
+   prediction for Bayesian rules); write metrics, posterior and a checkpoint.
+
+Because the messages go through the same encode/decode as Flower's and every random choice is derived from
+(seed, round, client), this engine and Flower's runtime give the same numbers, and a run resumed from its
+checkpoint ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedbayes.algorithms import Algorithm, DiskStore, cosine_lr
+from fedbayes.algorithms.base import ClientTask, ClientUpdate
+from fedbayes.config import Experiment, resolve
+from fedbayes.data import Dataset, load_dataset, partition, split_summary
+from fedbayes.local import LocalSettings
+from fedbayes.metrics import evaluate_model
+from fedbayes.models import build_model
+from fedbayes.protocol import InvalidReply, decode_reply, encode_task, execute, nbytes, settings_to_config
+from fedbayes.results import ResultsWriter, load_checkpoint
+
+__all__ = [
+    "Federation",
+    "client_config",
+    "client_seed",
+    "evaluate_global",
+    "participants",
+    "resolve_device",
+    "run_experiment",
+    "run_rounds",
+]
+
+log = logging.getLogger("fedbayes")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    return device
+
+
+def client_seed(seed: int, server_round: int, client: int) -> int:
+    """Independent, reproducible seed for client k's local training in round r."""
+    return int(np.random.SeedSequence([seed, server_round, client]).generate_state(1)[0])
+
+
+def participants(exp: Experiment, server_round: int) -> list[int]:
+    """The clients asked to train in ``server_round`` (sorted; seeded by (seed, round)); excluded ones never."""
+    excluded = set(exp.run.exclude_clients)
+    pool = [c for c in range(exp.run.num_clients) if c not in excluded]
+    m = exp.run.participants_per_round()
+    if m >= len(pool):
+        return pool
+    rng = np.random.default_rng([exp.run.seed, server_round, 0x5EED])
+    return sorted(int(pool[i]) for i in rng.choice(len(pool), size=m, replace=False))
+
+
+def injected_failure(exp: Experiment, server_round: int, client: int) -> str | None:
+    """``"failed"``, ``"straggler"`` or None for this (round, client), drawn from ``fail-rate`` and
+    ``straggler-rate`` with a generator seeded by (seed, round, client) — the same draws on resume."""
+    if exp.run.fail_rate == 0.0 and exp.run.straggler_rate == 0.0:
+        return None
+    u = np.random.default_rng([exp.run.seed, server_round, client, 0xFA11]).random()
+    if u < exp.run.fail_rate:
+        return "failed"
+    if u < exp.run.fail_rate + exp.run.straggler_rate:
+        return "straggler"
+    return None
+
+
+def client_config(exp: Experiment, rule: Algorithm, task: ClientTask, server_round: int, client: int) -> dict[str, Any]:
+    """The ConfigRecord for client k: LocalSettings defaults ← the rule's local defaults ← the user's local keys
+    ← the task's overrides, with the round's learning rate and seed."""
+    kw: dict[str, Any] = dict(type(rule).local_defaults)
+    kw.update(exp.local_overrides())
+    kw.update(task.overrides)
+    if rule.needs_site() and kw.get("mode", "ivon") != "ivon":
+        kw["laplace"] = True  # a point-mode client of a Bayesian rule sends a Laplace site
+    base_lr = kw.get("lr", LocalSettings.lr)
+    if exp.run.lr_schedule == "cosine":
+        kw["lr"] = cosine_lr(float(base_lr), server_round, exp.run.rounds)
+    kw["seed"] = client_seed(exp.run.seed, server_round, client)
+    settings = LocalSettings(**kw)
+    cfg = settings_to_config(settings)
+    cfg.update({"reply": "site" if rule.needs_site() else "mean", "round": server_round, "partition-id": client})
+    return cfg
+
+
+@dataclass
+class Federation:
+    """Data, partition, model and rule of one experiment, ready to run."""
+
+    exp: Experiment
+    data: Dataset
+    parts: list[np.ndarray]
+    model: nn.Module
+    rule: Algorithm
+    device: str
+    client_data: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    x_test: Tensor | None = None
+    y_test: Tensor | None = None
+
+    @staticmethod
+    def build(exp: Experiment, out_dir: Path | None = None, data_dir: Path | None = None) -> Federation:
+        run = exp.run
+        data = load_dataset(run.dataset, data_dir=data_dir, train_fraction=run.train_fraction, seed=run.seed)
+        params: dict[str, Any] = {}
+        if run.partition == "dirichlet":
+            params = {"size_alpha": run.size_alpha, "class_alpha": run.class_alpha}
+        elif run.partition == "shards":
+            params = {"classes_per_client": run.classes_per_client}
+        parts = partition(data.y_train, run.num_clients, run.partition, seed=run.seed, **params)
+        model = make_model(exp, data)
+        store = DiskStore(out_dir / "client-state") if (run.store == "disk" and out_dir is not None) else None
+        template = {k: v.detach() for k, v in model.named_parameters()}
+        active = [c for c in range(run.num_clients) if c not in set(run.exclude_clients)]
+        rule = exp.algorithm_cls(template, run.num_clients, exp.algo, store=store, active=active)
+        device = resolve_device(run.device)
+        ydt = torch.long if data.task == "classification" else torch.float32
+        client_data = [
+            (torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]).to(ydt)) for idx in parts
+        ]
+        fed = Federation(exp, data, parts, model, rule, device, client_data)
+        fed.x_test = torch.from_numpy(data.x_test)
+        fed.y_test = torch.from_numpy(data.y_test).to(ydt)
+        return fed
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.model.named_parameters()}
+
+
+def make_model(exp: Experiment, data: Dataset) -> nn.Module:
+    run = exp.run
+    outputs = data.num_classes if data.task == "classification" else 1
+    kwargs: dict[str, Any] = {}
+    if run.model == "mlp":
+        kwargs = {"hidden": run.hidden, "activation": run.activation}
+    return build_model(run.model, data.num_features, outputs, seed=run.seed, **kwargs)
+
+
+def evaluate_global(
+    rule: Algorithm, model: nn.Module, x: Tensor, y: Tensor, task: str, exp: Experiment, server_round: int,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Test metrics of the global mean and (Bayesian rules, ``bma-samples`` > 0) of the posterior average."""
+    posterior = rule.global_posterior()
+    if posterior is not None:
+        posterior = rule.floor(posterior)
+    return evaluate_model(
+        model, rule.global_mean(), x, y, task, posterior=posterior,
+        samples=exp.run.bma_samples if posterior is not None else 0,
+        noise_var=exp.run.noise_var or 1.0, seed=exp.run.seed * 7919 + server_round, device=device,
+    )
+
+
+def run_experiment(
+    exp: Experiment | Mapping[str, Any],
+    out_dir: str | Path | None,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    data_dir: Path | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    fail: Callable[[int, int], bool] | None = None,
+    stop_round: int | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) an experiment in process; returns the metrics rows.
+
+    Parameters
+    ----------
+    exp
+        A resolved experiment or a flat config mapping.
+    out_dir
+        The results folder (None: keep nothing on disk).
+    resume
+        Continue from ``out_dir/checkpoint`` (its config wins; ``exp.rounds`` may extend the run).
+    fail
+        ``fail(round, client) -> True`` drops that client's reply (failure injection for tests/benchmarks).
+    stop_round
+        Stop after this round while keeping the configured ``rounds`` (a later resume continues exactly).
+    """
+    if not isinstance(exp, Experiment):
+        exp = resolve(exp)
+    out = Path(out_dir) if out_dir is not None else None
+    start_round, rows = 1, []
+    state = None
+    if resume:
+        if out is None:
+            raise ValueError("resume needs the run folder")
+        meta, state = load_checkpoint(out)
+        saved = resolve(meta["config"])
+        exp = resolve({**saved.to_flat(), "rounds": max(exp.run.rounds, saved.run.rounds)})
+        start_round, rows = int(meta["round"]) + 1, list(meta["metrics"])
+    fed = Federation.build(exp, out, data_dir)
+    if state is not None:
+        fed.rule.load_state_tensors(state)
+    writer = ResultsWriter(out, exp.to_flat(), resume=resume) if out is not None else None
+    if writer is not None and resume:
+        writer.rewrite_metrics(rows)
+        writer.config = exp.to_flat()
+        assert out is not None
+        (out / "config.json").write_text(json.dumps(writer.config, indent=2) + "\n")
+    log.info("%s: %s", exp.run.dataset, split_summary(fed.parts, fed.data.y_train))
+    if progress:
+        print(f"[fedbayes] {exp.run.algorithm} on {exp.run.dataset}: {split_summary(fed.parts, fed.data.y_train)}")
+    return run_rounds(fed, exp, rows, writer, start_round=start_round, stop_round=stop_round, progress=progress,
+                      on_round=on_round, fail=fail)
+
+
+def run_rounds(
+    fed: Federation,
+    exp: Experiment,
+    rows: list[dict[str, Any]],
+    writer: ResultsWriter | None,
+    *,
+    start_round: int = 1,
+    stop_round: int | None = None,
+    progress: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    fail: Callable[[int, int], bool] | None = None,
+    checkpoint: bool = True,
+) -> list[dict[str, Any]]:
+    """The round loop: rounds ``start_round..stop_round`` (default ``rounds``) of a built federation; appends to
+    and returns ``rows``.  The lr schedule, participants and seeds are functions of the absolute round and the
+    configured ``rounds``, so stopping early and resuming later reproduces an uninterrupted run."""
+    stop = exp.run.rounds if stop_round is None else min(int(stop_round), exp.run.rounds)
+    sizes = [len(p) for p in fed.parts]
+    t_start = time.perf_counter() - (rows[-1]["wall_s"] if rows else 0.0)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=stop, initial=start_round - 1, desc=exp.run.algorithm, unit="round", leave=False)
+    for r in range(start_round, stop + 1):
+        chosen = participants(exp, r)
+        updates: list[ClientUpdate] = []
+        failed: list[int] = []
+        up = down = 0
+        train_s = 0.0
+        losses = []
+        for c in chosen:
+            task = fed.rule.configure(c, r)
+            cfg = client_config(exp, fed.rule, task, r, c)
+            msg = encode_task(task)
+            down += nbytes(msg)
+            if (fail is not None and fail(r, c)) or injected_failure(exp, r, c) is not None:
+                failed.append(c)  # the reply never arrives (or arrives after the deadline): client stays stale
+                continue
+            x, y = fed.client_data[c]
+            reply, metrics = execute(fed.model, msg, cfg, x, y, device=fed.device)
+            up += nbytes(reply)
+            try:
+                u = decode_reply(reply, metrics, client=c, shapes=fed.shapes, need_site=fed.rule.needs_site(),
+                                 expected_examples=sizes[c])
+            except InvalidReply as e:
+                log.warning("round %d: dropped reply of client %d: %s", r, c, e)
+                failed.append(c)
+                continue
+            updates.append(u)
+            train_s += u.metrics.get("train-seconds", 0.0)
+            losses.append(u.metrics.get("train-loss", float("nan")))
+        fed.rule.aggregate(r, updates)
+        row: dict[str, Any] = {"round": r}
+        if r % exp.run.eval_every == 0 or r == exp.run.rounds:
+            assert fed.x_test is not None and fed.y_test is not None
+            row.update(evaluate_global(fed.rule, fed.model, fed.x_test, fed.y_test, fed.data.task, exp, r, fed.device))
+        row.update({
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "bytes_up": up, "bytes_down": down,
+            "participants": [u.client for u in updates], "failed": failed,
+            "train_s": train_s, "wall_s": time.perf_counter() - t_start,
+        })
+        rows.append(row)
+        if writer is not None:
+            writer.append_metrics(row)
+            post = fed.rule.global_posterior()
+            writer.write_posterior(fed.rule.global_mean(), fed.rule.floor(post) if post is not None else None)
+            if checkpoint:
+                writer.write_checkpoint(r, fed.rule.state_tensors(), rows)
+        if on_round is not None:
+            on_round(row)
+        if bar is not None:
+            bar.update(1)
+            if "test_accuracy" in row:
+                bar.set_postfix(acc=f"{row['test_accuracy']:.4f}", nll=f"{row['test_nll']:.3f}")
+    if bar is not None:
+        bar.close()
+    return rows

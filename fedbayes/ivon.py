@@ -1,0 +1,351 @@
+"""IVON with a vector-mean, vector-precision Gaussian prior, written from its update equations.
+
+IVON (Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024) fits a diagonal
+Gaussian q = N(m, diag(1/Λ)) to the target
+
+    q* = argmin_q  ess · E_q[ℓ̄(θ)] + KL(q ‖ π),        π = N(m_π, diag(1/s_π)),
+
+where ℓ̄ is the mean minibatch loss and ``ess`` the effective sample size (Nₖ/τ for a client with Nₖ examples
+at temperature τ).  The posterior precision is Λ = ess·(h + δ) with δ = s_π/ess, i.e. Λ = ess·h + s_π: h
+carries only the data curvature and every known Gaussian factor sits in δ exactly (the cavity form of
+``shared/reference/ivon.md`` §2; with m_π = 0 and s_π = ess·wd·1 it is ivon-opt's weight decay).
+
+Per step t, with S Monte-Carlo samples (optionally antithetic pairs ε, −ε):
+
+    σ = 1/√(ess·(h + δ)),  θ_s = m + σ ⊙ ε_s                               (sample)
+    ḡ = mean_s ∇ℓ̄(θ_s),   ĥ = mean_s ∇ℓ̄(θ_s) ⊙ (θ_s − m) / σ²                (Price / reparameterisation)
+    g ← β1 g + (1 − β1) ḡ
+    h ← β2 h + (1 − β2) ĥ + ½(1 − β2)² (h − ĥ)² / (h + δ)                    (Riemannian correction)
+    m ← m − α · clip((g/(1 − β1ᵗ) + δ ⊙ m − η_π/ess) / (h + δ), ±r)
+
+where η_π = s_π ⊙ m_π (in code δ⊙(m − c) − r/ess, with the center c and linear part r of
+:func:`split_natural`, which keeps float32 digits), so a prior of zero or negative precision is allowed
+(an ADMM factor with a negative "precision" works as long as h + δ > 0 at the start; the correction term
+keeps h + δ > 0 afterwards: h_new + δ ≥ (h + δ)/2).
+
+The client's **site** (its posterior divided by the prior) is computed directly, never as a difference of
+two large numbers:  s̃ = ess·h,  η̃ = ess·h ⊙ m + s_π ⊙ m − η_π.
+
+Differences from ivon-opt 0.1.3 (which is only a test oracle here): vector prior mean/precision, natural
+parameter get/set and warm start, antithetic sampling, the step counter is part of ``state_dict``, a
+parameter that receives no gradient counts as a zero gradient, ``step()`` without samples raises a clear
+error, and ``rescale_lr`` is off by default (with a vector δ a per-coordinate rescale makes no sense; when on,
+the scalar factor hess_init + weight_decay is used, as in ivon-opt).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedbayes.optim import FlatOptimizer
+
+__all__ = ["IVON", "split_natural"]
+
+
+def split_natural(eta: Tensor, prec: Tensor) -> tuple[Tensor, Tensor]:
+    """Write a factor exp(ηθ − ½sθ²) as ½s(θ − c)² − rθ: center c = η/s where s ≠ 0, linear part r = η
+    where s = 0.  Done in float64 so that s·(θ − c) does not lose digits the way s·θ − η does."""
+    e, s = eta.double(), prec.double()
+    nz = s != 0
+    center = torch.where(nz, e / torch.where(nz, s, torch.ones_like(s)), torch.zeros_like(e))
+    lin = torch.where(nz, torch.zeros_like(e), e)
+    return center, lin
+
+
+class IVON(FlatOptimizer):
+    """Improved Variational Online Newton with a diagonal Gaussian prior.
+
+    Parameters
+    ----------
+    params
+        Model parameters (or parameter groups).
+    lr : float
+        Step size α (> 0).
+    ess : float
+        Effective sample size (> 0); the data term is weighted by it.
+    hess_init : float
+        Initial data curvature h₀ (> 0 recommended; h + δ must be > 0).
+    beta1, beta2 : float
+        Momentum and curvature averaging constants in [0, 1).
+    weight_decay : float
+        Default isotropic zero-mean prior of precision ess·weight_decay, replaced by :meth:`set_prior`.
+    mc_samples : int
+        Samples per step (used by the caller's loop; stored for reference).
+    clip_radius : float
+        Element-wise clip of the preconditioned step.
+    antithetic : bool
+        Every second sample reuses −ε of the previous one.
+    debias : bool
+        Divide the momentum by 1 − β1ᵗ.
+    rescale_lr : bool
+        Multiply α by (hess_init + weight_decay), as ivon-opt does by default.
+    generator : torch.Generator, optional
+        Source of the Gaussian noise (the global RNG if None).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        ess: float,
+        hess_init: float = 1.0,
+        beta1: float = 0.9,
+        beta2: float = 0.99999,
+        weight_decay: float = 1e-4,
+        mc_samples: int = 1,
+        clip_radius: float = math.inf,
+        antithetic: bool = False,
+        debias: bool = True,
+        rescale_lr: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        checks = {
+            "lr": lr > 0 and math.isfinite(lr),
+            "ess": ess > 0 and math.isfinite(ess),
+            "beta1": 0.0 <= beta1 < 1.0,
+            "beta2": 0.0 <= beta2 < 1.0,
+            "weight_decay": weight_decay >= 0 and math.isfinite(weight_decay),
+            "mc_samples": int(mc_samples) >= 1,
+            "clip_radius": clip_radius > 0,
+            "hess_init": math.isfinite(hess_init),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"IVON: invalid {name}={locals()[name]!r}")
+        defaults = dict(
+            lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+            clip_radius=clip_radius, step=0,
+        )
+        super().__init__(params, defaults)
+        self.mc_samples = int(mc_samples)
+        self.antithetic = antithetic
+        self.debias = debias
+        self.rescale_lr = rescale_lr
+        self.generator = generator
+        self._count = 0
+        self._draws = 0
+        self._last_noise: dict[int, Tensor] = {}
+        self._saved: dict[int, Tensor] = {}
+        self._noise_now: dict[int, Tensor] = {}
+        for group in self.param_groups:
+            flat = group["flat"]
+            group["hess"] = torch.full_like(flat, hess_init)
+            group["momentum"] = torch.zeros_like(flat)
+            group["prior_prec"] = torch.full_like(flat, ess * weight_decay)
+            group["prior_center"] = torch.zeros_like(flat)
+            group["prior_lin"] = torch.zeros_like(flat)
+            group["prior64"] = None
+            self._refresh(group)
+
+    # ------------------------------------------------------------------ helpers
+    def params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @property
+    def current_step(self) -> int:
+        return int(self.param_groups[0]["step"])
+
+    @staticmethod
+    def _refresh(group: dict[str, Any]) -> None:
+        """Cache δ = s_π/ess, √(ess(h+δ)) and σ after h or the prior changed."""
+        ess = group["ess"]
+        group["delta"] = group["prior_prec"] / ess
+        group["has_center"] = bool(group["prior_center"].any())
+        group["has_lin"] = bool(group["prior_lin"].any())
+        group["hd"] = group["hess"] + group["delta"]  # h + δ, reused by the next step's correction term
+        group["inv_sigma"] = (group["hd"] * ess).sqrt_()
+
+    def _split(self, group: dict[str, Any], flat: Tensor) -> list[Tensor]:
+        out, i = [], 0
+        for p in group["params"]:
+            out.append(flat[i : i + p.numel()].view_as(p))
+            i += p.numel()
+        return out
+
+    def _concat(self, tensors: Sequence[Tensor], group: dict[str, Any], what: str) -> Tensor:
+        ps = group["params"]
+        if len(tensors) != len(ps):
+            raise ValueError(f"{what}: expected {len(ps)} tensors, got {len(tensors)}")
+        for i, (p, t) in enumerate(zip(ps, tensors, strict=True)):
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{what}: tensor {i} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{what}: tensor {i} has non-finite values")
+        return torch.cat([t.reshape(-1).to(ps[0]) for t in tensors])
+
+    def _per_group(self, tensors: Sequence[Tensor]) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        out, i = [], 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            out.append((group, list(tensors[i : i + n])))
+            i += n
+        if i != len(tensors):
+            raise ValueError(f"expected {i} tensors, got {len(tensors)}")
+        return out
+
+    # ------------------------------------------------------------------ prior / posterior as natural parameters
+    @torch.no_grad()
+    def set_prior(self, eta: Sequence[Tensor], prec: Sequence[Tensor]) -> None:
+        """Set the prior π through its natural parameters (η_π, s_π), one tensor per parameter."""
+        if len(eta) != len(prec):
+            raise ValueError(f"set_prior: {len(eta)} eta tensors but {len(prec)} precision tensors")
+        for (group, e), (_, s) in zip(self._per_group(eta), self._per_group(prec), strict=True):
+            self._concat(e, group, "set_prior")  # shape / finiteness checks
+            self._concat(s, group, "set_prior")
+            e64 = torch.cat([t.reshape(-1).double() for t in e])
+            s64 = torch.cat([t.reshape(-1).double() for t in s])
+            center, lin = split_natural(e64, s64)
+            # float64 copies for the site, so s_π(m − m_π) keeps the digits of the float64 prior
+            group["prior64"] = (s64, center, lin)
+            flat = group["flat"]
+            group["prior_prec"] = s64.to(flat)
+            group["prior_center"] = center.to(flat)
+            group["prior_lin"] = lin.to(flat)
+            self._refresh(group)
+
+    @torch.no_grad()
+    def set_posterior(self, mean: Sequence[Tensor], prec: Sequence[Tensor]) -> None:
+        """Warm start: m ← mean and h ← (prec − s_π)/ess (requires prec > 0)."""
+        for (group, m), (_, s) in zip(self._per_group(mean), self._per_group(prec), strict=True):
+            s_flat = self._concat(s, group, "set_posterior")
+            if not bool((s_flat > 0).all()):
+                raise ValueError("set_posterior: precision must be > 0")
+            group["flat"].copy_(self._concat(m, group, "set_posterior"))
+            group["hess"] = (s_flat - group["prior_prec"]) / group["ess"]
+            self._refresh(group)
+
+    @torch.no_grad()
+    def set_hess(self, hess: Sequence[Tensor]) -> None:
+        for group, h in self._per_group(hess):
+            group["hess"] = self._concat(h, group, "set_hess")
+            self._refresh(group)
+
+    def hess(self) -> list[Tensor]:
+        """The data curvature h, one tensor per parameter (views)."""
+        return [t for g in self.param_groups for t in self._split(g, g["hess"])]
+
+    @torch.no_grad()
+    def posterior(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(mean, precision) with Λ = ess·h + s_π."""
+        means, precs = [], []
+        for group in self.param_groups:
+            means += [t.clone() for t in self._split(group, group["flat"])]
+            precs += self._split(group, group["ess"] * group["hess"] + group["prior_prec"])
+        return means, precs
+
+    @torch.no_grad()
+    def site(self, min_post_prec: float = 0.0) -> tuple[list[Tensor], list[Tensor]]:
+        """The site λ̃ = (η̃, s̃) = (ess·h⊙m + s_π⊙m − η_π, ess·h), computed directly, in float64.
+
+        s̃ is floored at max(0, min_post_prec − s_π) (a site never removes evidence and the posterior it
+        implies stays proper); η̃ is formed so that the implied posterior mean is exactly m.
+        """
+        etas, precs = [], []
+        for group in self.param_groups:
+            prior64 = group["prior64"]
+            if prior64 is None:
+                prior64 = (group["prior_prec"].double(), group["prior_center"].double(),
+                           group["prior_lin"].double())
+            s_pi, center, lin = prior64
+            s_site = (group["ess"] * group["hess"].double()).clamp_min(0.0)
+            s_site = torch.maximum(s_site, (min_post_prec - s_pi).clamp_min(0.0))
+            m = group["flat"].double()
+            etas += self._split(group, s_site * m + s_pi * (m - center) - lin)
+            precs += self._split(group, s_site)
+        return etas, precs
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for group in self.param_groups:
+            self._refresh(group)
+
+    # ------------------------------------------------------------------ sampling
+    def _noise(self, gi: int, flat: Tensor) -> Tensor:
+        if self.antithetic and self._draws % 2 == 1 and gi in self._last_noise:
+            return -self._last_noise[gi]
+        eps = torch.randn(flat.numel(), generator=self.generator, dtype=flat.dtype, device=flat.device)
+        self._last_noise[gi] = eps
+        return eps
+
+    @contextmanager
+    def sampled_params(self, train: bool = False) -> Iterator[None]:
+        """Replace the weights by a posterior sample θ = m + σε inside the block.
+
+        With ``train=True`` the gradients present on exit are accumulated for the next :meth:`step`
+        (a parameter without a gradient contributes zero).
+        """
+        with torch.no_grad():
+            for gi, group in enumerate(self.param_groups):
+                flat = group["flat"]
+                eps = self._noise(gi, flat)
+                self._noise_now[gi] = eps
+                self._saved[gi] = flat.clone()
+                flat.addcdiv_(eps, group["inv_sigma"])
+        self._draws += 1
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                n = self._count
+                for gi, group in enumerate(self.param_groups):
+                    group["flat"].copy_(self._saved.pop(gi))
+                    if not train:
+                        continue
+                    g = self.flat_grad(group)
+                    # ĥ sample: g ⊙ (θ − m)/σ² = g ⊙ ε/σ
+                    gx = g.mul(self._noise_now[gi]).mul_(group["inv_sigma"])
+                    if n == 0:
+                        group["avg_grad"], group["avg_hhat"] = g, gx
+                    else:  # Welford running means over the samples of this step
+                        group["avg_grad"].add_(g.sub_(group["avg_grad"]), alpha=1.0 / (n + 1))
+                        group["avg_hhat"].add_(gx.sub_(group["avg_hhat"]), alpha=1.0 / (n + 1))
+                if train:
+                    self._count += 1
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One IVON update from the samples accumulated since the last step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._count == 0:
+            raise RuntimeError(
+                "IVON.step(): no gradient samples; call loss.backward() inside "
+                "`with optimizer.sampled_params(train=True):` before step()"
+            )
+        for group in self.param_groups:
+            group["step"] += 1
+            t = group["step"]
+            ess, b1, b2, lr = group["ess"], group["beta1"], group["beta2"], group["lr"]
+            if self.rescale_lr:
+                lr = lr * (group["hess_init"] + group["weight_decay"])
+            debias = 1.0 - b1**t if self.debias else 1.0
+            m, h, delta = group["flat"], group["hess"], group["delta"]
+            hhat = group.pop("avg_hhat")
+            mom = group["momentum"].lerp_(group.pop("avg_grad"), 1.0 - b1)
+            # h ← β2 h + (1−β2) ĥ + ½(1−β2)² (h − ĥ)²/(h + δ)
+            corr = (h - hhat).square_().div_(group["hd"])
+            h.lerp_(hhat, 1.0 - b2).add_(corr, alpha=0.5 * (1.0 - b2) ** 2)
+            denom = h + delta
+            # m ← m − α (g/(1−β1ᵗ) + δ(m − c) − r/ess)/(h + δ)
+            num = (m - group["prior_center"]).mul_(delta) if group["has_center"] else torch.mul(m, delta)
+            num.add_(mom, alpha=1.0 / debias)
+            if group["has_lin"]:
+                num.sub_(group["prior_lin"], alpha=1.0 / ess)
+            upd = num.div_(denom)
+            if math.isfinite(group["clip_radius"]):
+                upd.clamp_(-group["clip_radius"], group["clip_radius"])
+            m.sub_(upd, alpha=lr)
+            group["hd"] = denom
+            group["inv_sigma"] = (denom * ess).sqrt_()
+        self._count = 0
+        self._draws = 0
+        return loss

@@ -1,0 +1,124 @@
+"""Small optimisers on one flat buffer per parameter group, without ``torch.optim``.
+
+Why not ``torch.optim``: constructing the first ``torch.optim.Optimizer`` in a process imports
+``torch._dynamo`` (2–3 s here), and a Flower deployment starts a fresh ClientApp process for every message.
+These classes keep the client's import path light and run each update as a few element-wise kernels over one
+vector (the parameters become views into it).
+
+* :class:`FlatOptimizer` — the base: parameter groups, flat buffers, ``zero_grad``, ``state_dict``.
+* :class:`Adam` — Kingma & Ba 2015, exactly torch's default (non-AMSGrad, no weight decay):
+  m ← β1 m + (1−β1) g,  v ← β2 v + (1−β2) g²,  θ ← θ − α (m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε).
+* :class:`SGD` — with heavy-ball momentum μ: b ← μ b + g (b = g at t = 1), θ ← θ − α b.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["SGD", "Adam", "FlatOptimizer"]
+
+
+class FlatOptimizer:
+    """Parameter groups whose parameters are views into one flat buffer per group."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        items = list(params)
+        if not items:
+            raise ValueError("optimizer got an empty parameter list")
+        groups = items if isinstance(items[0], dict) else [{"params": items}]
+        self.defaults = dict(defaults)
+        self.param_groups: list[dict[str, Any]] = []
+        for g in groups:
+            group = {**self.defaults, **g, "params": list(g["params"])}
+            ps = group["params"]
+            if len({(p.dtype, p.device) for p in ps}) != 1:
+                raise ValueError("all parameters of a group must share dtype and device")
+            flat = torch.cat([p.detach().reshape(-1) for p in ps])
+            i = 0
+            for p in ps:
+                n = p.numel()
+                p.data = flat[i : i + n].view_as(p)
+                i += n
+            group["flat"] = flat
+            self.param_groups.append(group)
+
+    @staticmethod
+    def flat_grad(group: dict[str, Any]) -> Tensor:
+        """The group's gradient as one vector (a parameter without a gradient counts as zero)."""
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group["params"]])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "param_groups": [
+                {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in g.items() if k != "params"}
+                for g in self.param_groups
+            ]
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"state has {len(saved)} parameter groups, optimizer has {len(self.param_groups)}")
+        for group, s in zip(self.param_groups, saved, strict=True):
+            flat = group["flat"]
+            if tuple(s["flat"].shape) != tuple(flat.shape):
+                raise ValueError(f"state's flat buffer has {s['flat'].numel()} entries, expected {flat.numel()}")
+            for k, v in s.items():
+                if k == "flat":
+                    flat.copy_(v)  # keep the parameters' storage, take the saved values
+                else:
+                    group[k] = v.clone() if isinstance(v, Tensor) else v
+
+
+class Adam(FlatOptimizer):
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        if not (lr > 0 and math.isfinite(lr)) or not all(0.0 <= b < 1.0 for b in betas) or eps < 0:
+            raise ValueError(f"Adam: invalid lr={lr}, betas={betas} or eps={eps}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "step": 0})
+        for g in self.param_groups:
+            g["exp_avg"] = torch.zeros_like(g["flat"])
+            g["exp_avg_sq"] = torch.zeros_like(g["flat"])
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for g in self.param_groups:
+            g["step"] += 1
+            t, (b1, b2) = g["step"], g["betas"]
+            grad = self.flat_grad(g)
+            g["exp_avg"].lerp_(grad, 1.0 - b1)
+            g["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+            denom = (g["exp_avg_sq"].sqrt() / math.sqrt(1.0 - b2**t)).add_(g["eps"])
+            g["flat"].addcdiv_(g["exp_avg"], denom, value=-g["lr"] / (1.0 - b1**t))
+
+
+class SGD(FlatOptimizer):
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0) -> None:
+        if not (lr > 0 and math.isfinite(lr)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"SGD: invalid lr={lr} or momentum={momentum}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "step": 0})
+        for g in self.param_groups:
+            g["buf"] = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for g in self.param_groups:
+            g["step"] += 1
+            grad = self.flat_grad(g)
+            if g["momentum"] > 0:
+                g["buf"] = grad.clone() if g["buf"] is None else g["buf"].mul_(g["momentum"]).add_(grad)
+                grad = g["buf"]
+            g["flat"].add_(grad, alpha=-g["lr"])

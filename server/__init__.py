@@ -1,0 +1,1 @@
+"""The fedbayes Flower ServerApp (:mod:`server.app`) and its strategy adapter (:mod:`server.strategy`)."""

@@ -1,0 +1,86 @@
+"""The fedbayes Flower ServerApp: the run config -> an experiment -> :class:`server.strategy.FedBayesStrategy`.
+
+``context.run_config`` (``[tool.flwr.app.config]`` in pyproject.toml, overridden by ``flwr run -c``) is split
+into fedbayes' flat config and the Flower-only keys by :func:`server.runconfig.split_run_config` and validated
+by :func:`fedbayes.config.resolve` before anything else happens: a bad key stops the run with an error naming
+it, and the results folder of an earlier run is not touched.  The folder is written only once the nodes are
+bound, with the in-process engine's layout (config.json, metrics.jsonl, posterior.safetensors, checkpoint/).
+
+``resume-from = "<folder>"`` continues the run whose checkpoint is in that folder (:mod:`server.resume`): the
+checkpoint and the run config are verified first (a damaged checkpoint or another experiment's config stops
+the run with a clear error and leaves the folder as it was), then the rule's state is restored and the run
+goes on from the checkpoint's round + 1 to ``rounds``, appending to that folder's metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+__all__ = ["app", "main"]
+
+log = logging.getLogger("flwr")
+
+QUERY_TIMEOUT_S = 600.0
+"""How long the start-up query waits for node replies when the run sets no ``round-timeout``."""
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or, with ``resume-from``, continue) one fedbayes experiment over the nodes of ``grid``.
+
+    Raises
+    ------
+    ConfigError
+        A bad run-config key or value, or (resume) a run config that describes another experiment than the
+        checkpoint's; nothing is written.
+    CheckpointError
+        (resume) A missing, truncated or corrupted checkpoint; nothing is written.
+    """
+    from fedbayes.engine import Federation
+    from fedbayes.results import CheckpointError, ResultsWriter
+    from server.resume import load_resume, prepare_folder
+    from server.runconfig import experiment_from_run_config
+    from server.strategy import FedBayesStrategy, arrays_of
+
+    exp, opts = experiment_from_run_config(context.run_config)  # ConfigError naming the key: nothing touched yet
+    resume = None
+    if opts.resume_from is not None:
+        resume = load_resume(opts.resume_from, exp)  # CheckpointError / ConfigError: nothing touched yet
+        exp, out = resume.exp, resume.folder
+        if opts.out_dir.resolve() != out:
+            log.info("fedbayes: resume-from is set: results go to %s (out-dir is not used)", out)
+        log.info("fedbayes: resuming %s from round %d of %d in %s", exp.run.algorithm, resume.done, exp.run.rounds,
+                 out)
+    else:
+        out = opts.out_dir.resolve()
+        log.info("fedbayes: %s on %s, %d clients, %d rounds -> %s", exp.run.algorithm, exp.run.dataset,
+                 exp.run.num_clients, exp.run.rounds, out)
+    fed = Federation.build(exp, out if exp.run.store == "disk" else None, opts.data_dir)
+    if resume is not None:
+        try:
+            fed.rule.load_state_tensors(resume.state)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot resume from {out}: the checkpoint's state does not fit the "
+                                  f"{exp.run.algorithm} rule: {e}") from None
+    deadline = exp.run.round_timeout or None  # round-timeout = 0: wait for every reply
+    strategy = FedBayesStrategy(fed, query_timeout_s=max(deadline, 120.0) if deadline else QUERY_TIMEOUT_S,
+                                start_round=resume.start_round if resume else 1, rows=resume.rows if resume else None)
+    if strategy.num_rounds == 0:
+        log.info("fedbayes: the checkpoint already holds all %d rounds: nothing to do", exp.run.rounds)
+        log.info("fedbayes: results in %s", out)
+        return
+    strategy.bind_nodes(grid, opts.node_wait_s)
+    strategy.writer = prepare_folder(resume) if resume is not None else ResultsWriter(out, exp.to_flat())
+    strategy.start(
+        grid=grid,
+        initial_arrays=arrays_of(fed.rule.global_mean()),
+        num_rounds=strategy.num_rounds,
+        timeout=deadline,  # type: ignore[arg-type]  # send_and_receive takes None: no deadline
+        evaluate_fn=strategy.evaluate,
+    )
+    log.info("fedbayes: results in %s", out)

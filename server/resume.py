@@ -1,0 +1,134 @@
+"""Resume a Flower run from a results folder's checkpoint (run-config key ``resume-from``).
+
+The ServerApp of a resumed run continues exactly where the checkpoint stopped, as
+``fedbayes.engine.run_experiment(..., resume=True)`` does in process, so a run resumed by either engine ends
+bit-identical to an uninterrupted one (every seed, the participants and the learning-rate schedule are functions
+of the absolute round):
+
+* :func:`load_resume` reads and verifies ``<folder>/checkpoint`` (:func:`fedbayes.results.load_checkpoint`) and
+  compares the run config with the checkpoint's config, **before anything is written**: a missing, truncated or
+  corrupted checkpoint raises :class:`fedbayes.results.CheckpointError`, a run config that describes another
+  experiment raises :class:`fedbayes.config.ConfigError` naming the keys; the folder is left as it was.
+* Only :data:`MAY_CHANGE` may differ: ``rounds`` (the run may be extended; the larger of the run config's and the
+  checkpoint's count wins, as in the engine) and ``round-timeout`` (a deployment setting).  Every other key must
+  equal the checkpoint's, because the ClientApps rebuild their data and model from the run config they are given.
+* :func:`prepare_folder` then cuts ``metrics.jsonl`` back to the checkpoint's rows (a crash between the metrics
+  append and the checkpoint write leaves one row too many) and rewrites ``config.json`` with the new ``rounds``.
+
+The ServerApp offsets Flower's round counter (``Strategy.start`` always counts from 1) by the checkpoint's round:
+see :class:`server.strategy.FedBayesStrategy` (``start_round``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from fedbayes.config import ConfigError, Experiment, resolve
+from fedbayes.results import CheckpointError, ResultsWriter, atomic_write_bytes, load_checkpoint
+
+__all__ = ["MAY_CHANGE", "Resume", "load_resume", "prepare_folder"]
+
+MAY_CHANGE = ("rounds", "round-timeout")
+"""Run keys a resumed run may set differently from the checkpoint's config."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A verified checkpoint, ready to continue.
+
+    Attributes
+    ----------
+    folder
+        The results folder (absolute); the resumed run writes here.
+    exp
+        The experiment to continue: the checkpoint's config with the run config's ``rounds`` (if larger) and
+        ``round-timeout``.
+    done
+        The last round the checkpoint holds; the run continues from ``done + 1``.
+    rows
+        The metrics rows of rounds ``1..done``.
+    state
+        The server rule's tensors (:meth:`fedbayes.algorithms.base.Algorithm.load_state_tensors`).
+    """
+
+    folder: Path
+    exp: Experiment
+    done: int
+    rows: list[dict[str, Any]]
+    state: dict[str, Tensor]
+
+    @property
+    def start_round(self) -> int:
+        """The first round the resumed run trains."""
+        return self.done + 1
+
+
+def _fail(folder: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"cannot resume from {folder}: {why}. Nothing was written; the folder is as it was")
+
+
+def load_resume(folder: Path, exp: Experiment) -> Resume:
+    """Read and verify ``folder/checkpoint`` and check ``exp`` (from the run config) against it.
+
+    Parameters
+    ----------
+    folder
+        The ``resume-from`` results folder.
+    exp
+        The experiment the run config describes.
+
+    Raises
+    ------
+    CheckpointError
+        No such folder, a missing, truncated or corrupted checkpoint, or one whose metadata is inconsistent.
+    ConfigError
+        The run config differs from the checkpoint's config in a key other than :data:`MAY_CHANGE`; the message
+        names every such key with both values.
+    """
+    folder = folder.resolve()
+    if not folder.is_dir():
+        raise _fail(folder, "no such results folder")
+    try:
+        meta, state = load_checkpoint(folder)
+    except CheckpointError as e:
+        raise _fail(folder, str(e)) from None
+    done, rows = meta["round"], meta["metrics"]
+    if isinstance(done, bool) or not isinstance(done, int) or done < 1:
+        raise _fail(folder, f"checkpoint/meta.json has round {done!r}, expected a round >= 1")
+    if not isinstance(rows, list) or len(rows) != done or not all(isinstance(r, dict) for r in rows):
+        raise _fail(folder, f"checkpoint/meta.json holds {len(rows) if isinstance(rows, list) else rows!r} metrics "
+                            f"rows for round {done}")
+    if [r.get("round") for r in rows] != list(range(1, done + 1)):
+        raise _fail(folder, "checkpoint/meta.json metrics rows are not rounds 1..round")
+    try:
+        saved = resolve(meta["config"])
+    except ConfigError as e:
+        raise _fail(folder, f"its config is not valid: {e}") from None
+    want, have = exp.to_flat(), saved.to_flat()
+    differ = sorted(k for k in set(want) | set(have) if k not in MAY_CHANGE and want.get(k) != have.get(k))
+    if differ:
+        shown = ", ".join(f"{k}={want.get(k)!r} (checkpoint: {have.get(k)!r})" for k in differ)
+        raise ConfigError(
+            f"resume-from {folder}: the run config describes another experiment than the checkpoint's: {shown}. "
+            f"Pass the original run's config; only {list(MAY_CHANGE)} may change. Nothing was written"
+        )
+    cont = resolve({**have, "rounds": max(exp.run.rounds, saved.run.rounds), "round-timeout": exp.run.round_timeout})
+    return Resume(folder, cont, done, [dict(r) for r in rows], state)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def prepare_folder(resume: Resume) -> ResultsWriter:
+    """The writer of the resumed run: ``metrics.jsonl`` cut back to the checkpoint's rows, ``config.json`` with the
+    continued experiment (as the engine's resume does)."""
+    writer = ResultsWriter(resume.folder, resume.exp.to_flat(), resume=True)
+    writer.rewrite_metrics(resume.rows)
+    _atomic_write_text(resume.folder / "config.json", json.dumps(writer.config, indent=2) + "\n")
+    return writer

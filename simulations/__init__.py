@@ -1,0 +1,1 @@
+"""The fedbayes command line, presets, comparisons and benchmarks."""

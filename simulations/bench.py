@@ -1,0 +1,133 @@
+"""Benchmarks (``fedbayes bench NAME``): measured side by side in one process, results written as JSON.
+
+* ``ivon``   — one IVON step vs one Adam step on the papers' MLP 784-200-100-10 (batch 64), interleaved in
+  blocks so that machine noise hits both alike; reports the median ratio.
+* ``engine`` — 100 clients of a small model through the in-process engine: engine wall time against the
+  summed local-training time (the engine's overhead is everything else: encode/decode, aggregation,
+  evaluation excluded).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedbayes.ivon import IVON
+from fedbayes.models import build_model
+
+__all__ = ["BENCHES", "bench_engine", "bench_ivon"]
+
+
+def _env() -> dict[str, Any]:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "python": platform.python_version()}
+
+
+def bench_ivon(
+    out_dir: Path, steps: int = 50, blocks: int = 10, batch: int = 64, mc_samples: int = 1
+) -> dict[str, Any]:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 784)
+    y = torch.randint(0, 10, (batch,))
+    m_ivon = build_model("mlp", 784, 10, seed=0)
+    m_adam = build_model("mlp", 784, 10, seed=0)
+    ivon = IVON(m_ivon.parameters(), lr=0.1, ess=6000.0, hess_init=0.1, weight_decay=1e-4)
+    adam = torch.optim.Adam(m_adam.parameters(), lr=1e-3)
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def step_ivon() -> None:
+        for _ in range(mc_samples):
+            with ivon.sampled_params(train=True):
+                ivon.zero_grad(set_to_none=True)
+                loss_fn(m_ivon(x), y).backward()
+        ivon.step()
+
+    def step_adam() -> None:
+        adam.zero_grad(set_to_none=True)
+        loss_fn(m_adam(x), y).backward()
+        adam.step()
+
+    for _ in range(10):  # warm-up
+        step_ivon()
+        step_adam()
+    t_ivon: list[float] = []
+    t_adam: list[float] = []
+    for _ in range(blocks):
+        for fn, acc in ((step_ivon, t_ivon), (step_adam, t_adam)):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            acc.append((time.perf_counter() - t0) / steps)
+    ratios = [a / b for a, b in zip(t_ivon, t_adam, strict=True)]
+    res = {
+        "bench": "ivon", "model": "mlp 784-200-100-10", "batch": batch, "mc_samples": mc_samples,
+        "ivon_step_ms_median": 1e3 * statistics.median(t_ivon), "adam_step_ms_median": 1e3 * statistics.median(t_adam),
+        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "target": "ivon step <= 1.3x adam step", **_env(),
+    }
+    _write(out_dir, "ivon", res)
+    return res
+
+
+def _engine_case(cfg: dict[str, Any]) -> dict[str, Any]:
+    from fedbayes.config import resolve
+    from fedbayes.engine import Federation, run_rounds
+
+    exp = resolve(cfg)
+    t0 = time.perf_counter()
+    fed = Federation.build(exp)
+    setup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    rows = run_rounds(fed, exp, [], None)
+    wall = time.perf_counter() - t1
+    train = sum(r["train_s"] for r in rows)
+    n = exp.run.num_clients * exp.run.rounds
+    return {
+        "config": cfg, "setup_s": setup, "rounds_wall_s": wall, "local_training_s": train,
+        "overhead_fraction": wall / train - 1.0, "training_ms_per_client_round": 1e3 * train / n,
+        "overhead_ms_per_client_round": 1e3 * (wall - train) / n,
+    }
+
+
+def bench_engine(out_dir: Path, clients: int = 100, rounds: int = 3) -> dict[str, Any]:
+    """Two workloads of 100 clients: tiny clients (digits, ~14 examples each: the overhead's worst case) and
+    Fashion-MNIST clients with 600 examples each (a realistic client), both with a small MLP (hidden 32)."""
+    base = {"algorithm": "bayes-admm", "model": "mlp", "hidden": "32", "num-clients": clients, "partition": "iid",
+            "rounds": rounds, "eval-every": rounds, "bma-samples": 0}
+    cases = {"digits-tiny-clients": {**base, "dataset": "digits", "epochs": 5, "batch-size": 8}}
+    try:
+        from fedbayes.data import load_dataset
+
+        load_dataset("fmnist")
+        cases["fmnist-600-per-client"] = {**base, "dataset": "fmnist", "epochs": 2, "batch-size": 64}
+    except FileNotFoundError:
+        pass
+    res = {
+        "bench": "engine", "clients": clients, "rounds": rounds,
+        "cases": {name: _engine_case(cfg) for name, cfg in cases.items()},
+        "note": "overhead = round-loop wall time (messages, validation, aggregation, one evaluation) over the summed "
+                "local-training time; setup (data, partition, model) reported apart; target overhead <= 10%",
+        **_env(),
+    }
+    _write(out_dir, "engine", res)
+    return res
+
+
+def _write(out_dir: Path, name: str, res: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"bench-{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+
+
+def _bench_flower(out_dir: Path) -> dict[str, Any]:
+    from simulations.bench_flower import bench_flower
+
+    return bench_flower(out_dir)
+
+
+BENCHES = {"ivon": bench_ivon, "engine": bench_engine, "flower": _bench_flower}

@@ -1,0 +1,203 @@
+"""The ``fedbayes`` command line: run, compare, algorithms, data fetch, bench.
+
+Every configuration problem (unknown algorithm, dataset, model, preset or key; a ``--set`` of the wrong type
+or out of range) is reported with what is valid, before any training starts, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _flat_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    from fedbayes.config import load_config_file, parse_sets
+    from simulations.presets import load_preset
+
+    flat: dict[str, Any] = {}
+    if args.config:
+        flat.update(load_config_file(args.config))
+    algorithm = args.algorithm or flat.get("algorithm")
+    if args.preset:
+        preset = load_preset(args.preset)
+        if algorithm is None:
+            algorithm = "bayes-admm"
+        flat.update(preset.config_for(algorithm))
+    for key, val in (("algorithm", algorithm), ("dataset", args.dataset), ("model", args.model),
+                     ("num-clients", args.clients), ("partition", args.partition), ("rounds", args.rounds),
+                     ("seed", args.seed), ("device", args.device)):
+        if val is not None:
+            flat[key] = val
+    flat.update(parse_sets(args.set))
+    return flat
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedbayes.config import resolve
+    from fedbayes.engine import run_experiment
+
+    if args.resume:
+        if args.engine == "flower":
+            from fedbayes.config import load_config_file
+            from simulations.flower_engine import run_flower_simulation
+
+            saved = load_config_file(Path(args.resume) / "config.json")
+            if args.rounds:
+                saved["rounds"] = max(int(saved.get("rounds", 1)), args.rounds)
+            rows = run_flower_simulation(saved, Path(args.resume), num_supernodes=int(saved.get("num-clients", 10)),
+                                         num_cpus=args.client_cpus, num_gpus=args.client_gpus, resume=True)
+        else:
+            rows = run_experiment({"rounds": args.rounds or 1}, args.resume, resume=True, progress=not args.quiet)
+        print(json.dumps(rows[-1]))
+        print(f"[fedbayes] resumed run in {args.resume}")
+        return 0
+    flat = _flat_from_args(args)
+    exp = resolve(flat)
+    out = Path(args.out or f"runs/{exp.run.algorithm}-{exp.run.dataset}-s{exp.run.seed}")
+    if args.engine == "flower":
+        from simulations.flower_engine import run_flower_simulation
+
+        rows = run_flower_simulation(exp.to_flat(), out, num_supernodes=exp.run.num_clients,
+                                     num_cpus=args.client_cpus, num_gpus=args.client_gpus)
+    else:
+        rows = run_experiment(exp, out, progress=not args.quiet)
+    last = rows[-1]
+    keys = [k for k in last if k.startswith(("test_", "bma_test_"))]
+    print(" ".join(f"{k}={last[k]:.4f}" for k in keys))
+    print(f"[fedbayes] results in {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedbayes.config import parse_sets
+    from simulations.compare import run_grid, summarize
+    from simulations.presets import load_preset
+
+    preset = load_preset(args.preset)
+    algos = args.algorithms.split(",") if args.algorithms else list(preset.algorithms)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [int(preset.base.get("seed", 0))]
+    sets = parse_sets(args.set)
+    if args.rounds:
+        sets["rounds"] = args.rounds
+    out = Path(args.out or f"runs/compare-{preset.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    folders = run_grid(preset, algos, seeds, out, sets=sets, jobs=args.jobs, centralized=not args.no_centralized,
+                       progress=not args.quiet)
+    res = summarize(folders, out, title=f"{preset.name}: {preset.description}")
+    print(Path(res["md"]).read_text())
+    print(f"[fedbayes] table: {res['md']} and {res['csv']}; plots: {', '.join(str(p) for p in res['plots'])}")
+    return 0
+
+
+def cmd_algorithms(args: argparse.Namespace) -> int:
+    from fedbayes.algorithms import REGISTRY
+
+    for name, cls in REGISTRY.items():
+        kind = "bayesian" if cls.bayesian else "point"
+        keys = ", ".join(k.replace("_", "-") for k in cls.Config.model_fields)
+        print(f"{name:12s} {kind:9s} {cls.summary}  [keys: {keys}]")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from fedbayes.data import dataset_names, fetch
+
+    if args.action == "list":
+        for n in dataset_names():
+            print(n)
+        return 0
+    names = dataset_names() if args.name == "all" else [args.name]
+    for n in names:
+        if n not in dataset_names():
+            raise ValueError(f"unknown dataset '{n}'; valid: {dataset_names()} or 'all'")
+        fetch(n, force=args.force)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from simulations.bench import BENCHES
+
+    if args.name not in BENCHES:
+        raise ValueError(f"unknown benchmark '{args.name}'; valid: {sorted(BENCHES)}")
+    res = BENCHES[args.name](Path(args.out))  # type: ignore[operator]
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedbayes", description="Federated variational-Bayes ADMM with IVON clients")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run one experiment and write its results folder")
+    r.add_argument("--algorithm")
+    r.add_argument("--dataset")
+    r.add_argument("--model")
+    r.add_argument("--clients", type=int)
+    r.add_argument("--partition")
+    r.add_argument("--rounds", type=int)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--preset")
+    r.add_argument("--config", help="a config.json of an earlier run (reproduces it)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess")
+    r.add_argument("--client-cpus", type=float, default=1.0, help="flower engine: CPUs per ClientApp")
+    r.add_argument("--client-gpus", type=float, default=0.0, help="flower engine: GPU fraction per ClientApp")
+    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    r.add_argument("--out")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("compare", help="run a preset's algorithms × seeds and write tables and plots")
+    c.add_argument("--preset", required=True)
+    c.add_argument("--algorithms", help="comma-separated (default: the preset's)")
+    c.add_argument("--seeds", help="comma-separated, e.g. 0,1,2")
+    c.add_argument("--rounds", type=int)
+    c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    c.add_argument("--no-centralized", action="store_true")
+    c.add_argument("--out")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=cmd_compare)
+
+    a = sub.add_parser("algorithms", help="list the registered algorithms")
+    a.set_defaults(fn=cmd_algorithms)
+
+    d = sub.add_parser("data", help="obtain and cache datasets (offline sources, SHA-256 checked)")
+    d.add_argument("action", choices=["fetch", "list"])
+    d.add_argument("name", nargs="?", default="all")
+    d.add_argument("--force", action="store_true")
+    d.set_defaults(fn=cmd_data)
+
+    b = sub.add_parser("bench", help="benchmarks; results written as JSON")
+    b.add_argument("name", help="ivon | engine | flower")
+    b.add_argument("--out", default="runs/bench")
+    b.set_defaults(fn=cmd_bench)
+
+    from simulations.whatif_cli import add_subparsers as add_whatif
+
+    add_whatif(sub)  # whatif, influence, forget, merge (answers from the stored sites, no retraining)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from fedbayes.config import ConfigError
+
+    try:
+        return int(args.fn(args))
+    except (ConfigError, ValueError) as e:
+        print(f"fedbayes: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""``fedbayes compare``: run a preset's grid (algorithms × seeds, plus the centralized upper bound), then write
+``table.md``, ``table.csv`` and PNG plots of accuracy and NLL per round (mean ± std over seeds).
+
+The table reports each metric averaged over the last 3 evaluated rounds (as the papers do), then mean and
+standard deviation over seeds.  Runs that already finished (their ``metrics.jsonl`` has the last round) are
+reused, so an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import multiprocessing as mp
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedbayes.config import resolve
+from fedbayes.results import read_metrics
+from simulations.presets import Preset, centralized_config
+
+__all__ = ["aggregate_runs", "plot_curves", "run_grid", "summarize", "write_tables"]
+
+METRICS = ("test_accuracy", "test_nll", "test_ece", "test_brier")
+BMA = tuple(f"bma_{m}" for m in METRICS)
+
+
+def _run_one(args: tuple[dict[str, Any], str, bool]) -> str:
+    """Run one grid cell; a run that fails (e.g. local training diverges) is recorded in ``FAILED.txt`` in its
+    folder and reported in the table instead of aborting the whole comparison."""
+    cfg, out, progress = args
+    import torch
+
+    from fedbayes.engine import run_experiment
+
+    if os.environ.get("FEDBAYES_THREADS"):
+        torch.set_num_threads(int(os.environ["FEDBAYES_THREADS"]))
+    (Path(out) / "FAILED.txt").unlink(missing_ok=True)
+    try:
+        run_experiment(cfg, out, progress=progress)
+    except (FloatingPointError, ValueError, RuntimeError) as e:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "FAILED.txt").write_text(f"{type(e).__name__}: {e}\n")
+        return f"{out} FAILED: {type(e).__name__}: {e}"
+    return out
+
+
+def _done(out: Path, rounds: int) -> bool:
+    if (out / "FAILED.txt").exists():
+        return False  # retried (the configuration may have changed since)
+    rows = read_metrics(out)
+    return bool(rows) and rows[-1].get("round") == rounds and (out / "posterior.safetensors").exists()
+
+
+def run_grid(
+    preset: Preset,
+    algorithms: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: Path,
+    sets: dict[str, Any] | None = None,
+    jobs: int = 1,
+    centralized: bool = True,
+    progress: bool = True,
+) -> dict[str, list[Path]]:
+    """Run every (algorithm, seed) and the centralized row; returns run folders by row name."""
+    todo: list[tuple[dict[str, Any], str, bool]] = []
+    folders: dict[str, list[Path]] = {}
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for algo in algorithms:
+        for s in seeds:
+            rows.append((algo, {**preset.config_for(algo, sets), "seed": s}))
+    if centralized:
+        for s in seeds:
+            rows.append(("centralized", centralized_config(preset, s, sets)))
+    for name, cfg in rows:  # validate everything before any training
+        exp = resolve(cfg)
+        out = out_dir / name / f"seed-{exp.run.seed}"
+        folders.setdefault(name, []).append(out)
+        if not _done(out, exp.run.rounds):
+            todo.append((cfg, str(out), progress and jobs == 1))
+    if jobs > 1 and len(todo) > 1:
+        os.environ.setdefault("FEDBAYES_THREADS", "1")
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(jobs) as pool:
+            for done in pool.imap_unordered(_run_one, todo):
+                print(f"[fedbayes] finished {done}", flush=True)
+    else:
+        for item in todo:
+            _run_one(item)
+            print(f"[fedbayes] finished {item[1]}", flush=True)
+    return folders
+
+
+def _last3(rows: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in rows if key in r]
+    return float(np.mean(vals[-3:])) if vals else math.nan
+
+
+def aggregate_runs(folders: dict[str, list[Path]]) -> list[dict[str, Any]]:
+    """One summary row per name: mean/std over seeds of the last-3-rounds average of each metric."""
+    table = []
+    for name, runs in folders.items():
+        failed = [r for r in runs if (r / "FAILED.txt").exists()]
+        per_seed = [read_metrics(r) for r in runs if r not in failed]
+        row: dict[str, Any] = {"algorithm": name, "seeds": len(per_seed), "failed_runs": len(failed)}
+        if not per_seed:
+            table.append({**row, "rounds": 0, "mb_up_total": math.nan, "wall_s_mean": math.nan})
+            continue
+        for key in METRICS + BMA:
+            vals = [_last3(rows, key) for rows in per_seed]
+            vals = [v for v in vals if not math.isnan(v)]
+            if vals:
+                row[f"{key}_mean"] = float(np.mean(vals))
+                row[f"{key}_std"] = float(np.std(vals))
+        ups = [sum(r.get("bytes_up", 0) for r in rows) for rows in per_seed]
+        row["rounds"] = per_seed[0][-1]["round"] if per_seed and per_seed[0] else 0
+        row["mb_up_total"] = float(np.mean(ups)) / 1e6 if ups else math.nan
+        row["wall_s_mean"] = float(np.mean([rows[-1]["wall_s"] for rows in per_seed if rows]))
+        table.append(row)
+    return table
+
+
+def write_tables(table: list[dict[str, Any]], out_dir: Path, title: str = "") -> tuple[Path, Path]:
+    cols = ["algorithm", "seeds", "rounds"]
+    for key in METRICS + BMA:
+        if any(f"{key}_mean" in r for r in table):
+            cols += [f"{key}_mean", f"{key}_std"]
+    cols += ["mb_up_total", "wall_s_mean", "failed_runs"]
+    csv_p = out_dir / "table.csv"
+    with open(csv_p, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in table:
+            w.writerow({c: r.get(c, "") for c in cols})
+    md_p = out_dir / "table.md"
+    lines = []
+    if title:
+        lines += [f"# {title}", ""]
+    lines += ["Metrics averaged over the last 3 evaluated rounds; mean ± std over seeds (failed runs are counted"
+              " in the last column and left out of the means).", ""]
+    heads = ["algorithm", "accuracy", "NLL", "ECE", "Brier", "BMA accuracy", "BMA NLL", "MB up", "wall s", "failed"]
+    lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+
+    def fmt(r: dict[str, Any], key: str, scale: float = 1.0, digits: int = 4) -> str:
+        if f"{key}_mean" not in r:
+            return "–"
+        return f"{r[f'{key}_mean'] * scale:.{digits}f} ± {r[f'{key}_std'] * scale:.{digits}f}"
+
+    for r in table:
+        lines.append(
+            "| " + " | ".join([
+                r["algorithm"], fmt(r, "test_accuracy"), fmt(r, "test_nll"), fmt(r, "test_ece"),
+                fmt(r, "test_brier"), fmt(r, "bma_test_accuracy"), fmt(r, "bma_test_nll"),
+                f"{r['mb_up_total']:.1f}", f"{r['wall_s_mean']:.0f}", str(r.get("failed_runs", 0)),
+            ]) + " |"
+        )
+    md_p.write_text("\n".join(lines) + "\n")
+    return md_p, csv_p
+
+
+def plot_curves(folders: dict[str, list[Path]], out_dir: Path) -> list[Path]:
+    """accuracy.png and nll.png: metric vs round, mean ± std over seeds, one line per algorithm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, label, fname in (("test_accuracy", "test accuracy", "accuracy.png"), ("test_nll", "test NLL", "nll.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, runs in folders.items():
+            curves = []
+            for r in runs:
+                rows = [x for x in read_metrics(r) if key in x]
+                if rows and not (r / "FAILED.txt").exists():
+                    curves.append([(x["round"], x[key]) for x in rows])
+            if not curves or not curves[0]:
+                continue
+            n = min(len(c) for c in curves)
+            rounds = np.array([c[i][0] for i, c in zip(range(n), [curves[0]] * n, strict=True)])
+            vals = np.array([[c[i][1] for i in range(n)] for c in curves])
+            mu, sd = vals.mean(0), vals.std(0)
+            style = "--" if name.startswith("centralized") else "-"
+            ax.plot(rounds, mu, style, label=name)
+            ax.fill_between(rounds, mu - sd, mu + sd, alpha=0.2)
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / fname
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def summarize(folders: dict[str, list[Path]], out_dir: Path, title: str = "") -> dict[str, Any]:
+    table = aggregate_runs(folders)
+    md, csv_p = write_tables(table, out_dir, title)
+    plots = plot_curves(folders, out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(table, indent=1) + "\n")
+    return {"table": table, "md": md, "csv": csv_p, "plots": plots}

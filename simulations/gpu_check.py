@@ -1,0 +1,108 @@
+"""``make gpu-check``: does fedbayes train on this machine's CUDA GPU, in process and under Flower?
+
+1. two rounds of bayes-admm with ``device = "cuda"`` through the in-process engine
+   (:func:`fedbayes.engine.run_experiment`);
+2. the same experiment through Flower's simulation runtime with a GPU fraction per ClientApp
+   (``client-resources-num-gpus``, so several ClientApps share the GPU).
+
+It prints the GPU, the wall time of each, and the test accuracy per round, and exits with status 2 and a clear
+message when torch sees no CUDA GPU (status 1 when a run fails).
+
+    python -m simulations.gpu_check [--out runs/gpu-check] [--clients 4] [--rounds 2] [--gpu-fraction 0.25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["gpu_check", "main"]
+
+
+def _no_gpu_reason() -> str | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    built = torch.version.cuda
+    if built is None:
+        return (f"torch {torch.__version__} is a CPU-only build: install a CUDA build of torch "
+                "(e.g. `pip install torch==<version>` from PyPI on Linux, or the index of your CUDA version)")
+    return (f"torch {torch.__version__} (CUDA {built}) finds no usable GPU: check `nvidia-smi`, the driver, "
+            "and CUDA_VISIBLE_DEVICES")
+
+
+def gpu_check(out: Path, *, clients: int = 4, rounds: int = 2, gpu_fraction: float = 0.25,
+              dataset: str = "digits") -> dict[str, Any]:
+    """Run the two checks and return a summary (also written to ``out/gpu-check.json``).
+
+    Raises
+    ------
+    RuntimeError
+        No CUDA GPU (the message says why).
+    """
+    reason = _no_gpu_reason()
+    if reason is not None:
+        raise RuntimeError(f"gpu-check needs a CUDA GPU: {reason}")
+    import torch
+
+    from fedbayes.engine import run_experiment
+    from simulations.flower_engine import run_flower_simulation
+
+    flat = {"algorithm": "bayes-admm", "dataset": dataset, "num-clients": clients, "rounds": rounds,
+            "device": "cuda", "seed": 0}
+    gpu = torch.cuda.get_device_name(0)
+    print(f"[gpu-check] torch {torch.__version__}, CUDA {torch.version.cuda}, GPU 0: {gpu}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    eng = run_experiment(flat, out / "in-process", progress=False)
+    t_eng = time.perf_counter() - t0
+    print(f"[gpu-check] in-process engine, device cuda: {t_eng:.1f} s; "
+          + ", ".join(f"round {r['round']} acc {r['test_accuracy']:.4f}" for r in eng))
+
+    t0 = time.perf_counter()
+    flw = run_flower_simulation(flat, out / "flower", num_supernodes=clients, num_cpus=1.0, num_gpus=gpu_fraction,
+                                echo=False)
+    t_flw = time.perf_counter() - t0
+    print(f"[gpu-check] Flower simulation, {gpu_fraction:g} GPU per ClientApp: {t_flw:.1f} s; "
+          + ", ".join(f"round {r['round']} acc {r['test_accuracy']:.4f}" for r in flw))
+    failed = [r["failed"] for r in flw if r["failed"]]
+    if failed:
+        raise RuntimeError(f"gpu-check: Flower ClientApps failed in some rounds: {failed} (see the run's log)")
+    summary = {
+        "gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "config": flat,
+        "in_process": {"wall_s": t_eng, "accuracy": [r["test_accuracy"] for r in eng]},
+        "flower": {"wall_s": t_flw, "gpu_fraction": gpu_fraction, "accuracy": [r["test_accuracy"] for r in flw]},
+        "max_accuracy_diff": max(abs(a["test_accuracy"] - b["test_accuracy"]) for a, b in zip(eng, flw, strict=True)),
+    }
+    (out / "gpu-check.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simulations.gpu_check", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/gpu-check"))
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--gpu-fraction", type=float, default=0.25)
+    p.add_argument("--dataset", default="digits")
+    args = p.parse_args(argv)
+    try:
+        s = gpu_check(args.out, clients=args.clients, rounds=args.rounds, gpu_fraction=args.gpu_fraction,
+                      dataset=args.dataset)
+    except RuntimeError as e:
+        print(f"[gpu-check] FAILED: {e}", file=sys.stderr)
+        return 2 if "needs a CUDA GPU" in str(e) else 1
+    print(f"[gpu-check] OK on {s['gpu']}: in-process {s['in_process']['wall_s']:.1f} s, Flower "
+          f"{s['flower']['wall_s']:.1f} s; max accuracy difference {s['max_accuracy_diff']:.2g}; "
+          f"summary in {args.out / 'gpu-check.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

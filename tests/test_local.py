@@ -1,0 +1,175 @@
+"""The local trainer: conjugate exactness of Laplace sites, float32 vs float64 sites, IVON runs, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedbayes.gaussian import DiagGaussian
+from fedbayes.local import LocalSettings, diag_ggn, train_local
+from fedbayes.models import build_model
+
+
+def _orthogonal_client(rng: torch.Generator, d: int, n_pairs: int, w: torch.Tensor, noise: float):
+    # rows ±c·e_j: XᵀX is diagonal and Σᵢ xᵢ = 0, so the bias decouples -> the exact posterior is diagonal
+    js = torch.randint(0, d, (n_pairs,), generator=rng)
+    cs = torch.rand(n_pairs, generator=rng, dtype=torch.float64) + 0.5
+    x = torch.zeros(2 * n_pairs, d, dtype=torch.float64)
+    x[torch.arange(n_pairs), js] = cs
+    x[torch.arange(n_pairs) + n_pairs, js] = -cs
+    y = x @ w + 0.3 + noise * torch.randn(2 * n_pairs, generator=rng, dtype=torch.float64)
+    return x, y
+
+
+def test_conjugate_sites_sum_to_centralized_posterior() -> None:
+    rng = torch.Generator().manual_seed(0)
+    d, noise_var, delta = 4, 0.5, 2.0
+    w = torch.randn(d, generator=rng, dtype=torch.float64)
+    clients = [_orthogonal_client(rng, d, 6 + 3 * k, w, 0.7) for k in range(5)]
+    model = build_model("linreg", d, 1).double()
+    tmpl = dict(model.named_parameters())
+    prior = DiagGaussian.isotropic(tmpl, delta)
+    settings = LocalSettings(mode="lbfgs", lr=1.0, epochs=3, loss="gaussian", noise_var=noise_var, laplace=True)
+    total = prior
+    for x, y in clients:
+        res = train_local(model, prior, x, y, settings)
+        assert res.site is not None
+        total = total + res.site
+    # centralized exact posterior: Λ = XᵀX/σ² + δ (diagonal by construction), η = Xᵀy/σ²
+    x = torch.cat([c[0] for c in clients])
+    y = torch.cat([c[1] for c in clients])
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    gram = xa.T @ xa / noise_var
+    assert torch.allclose(gram - torch.diag(torch.diag(gram)), torch.zeros_like(gram), atol=1e-12)
+    prec = torch.diag(gram) + delta
+    eta = xa.T @ y / noise_var
+    got_prec = torch.cat([total.prec["1.weight"].reshape(-1), total.prec["1.bias"]])
+    got_eta = torch.cat([total.eta["1.weight"].reshape(-1), total.eta["1.bias"]])
+    assert torch.allclose(got_prec, prec, atol=1e-8, rtol=0)
+    # η depends on the solver's optimum (L-BFGS stops at ~1e-10 relative in float64): relative 1e-8
+    assert torch.allclose(got_eta, eta, atol=1e-8, rtol=1e-8)
+
+
+def _digits(n: int = 300):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x[:n] / 16.0, dtype=torch.float32), torch.tensor(y[:n])
+
+
+def test_float32_site_matches_float64_reference() -> None:
+    # A strong prior centred near the solution is where s_post·m − η_π would cancel in float32; the trainer
+    # forms η̃ = s̃ m + s_π (m − m_π) instead. Reference: the same formula in float64 from the returned mean.
+    x, y = _digits()
+    model = build_model("logreg", 64, 10, seed=1)
+    tmpl = dict(model.named_parameters())
+    center = {k: v.detach().double() + 3.0 for k, v in tmpl.items()}
+    prior = DiagGaussian.isotropic(tmpl, 1e4, mean=center)
+    wire = prior.to(torch.float32)  # what travels
+    for settings in (LocalSettings(mode="ivon", lr=0.05, epochs=2, hess_init=0.5, seed=0),
+                     LocalSettings(mode="lbfgs", lr=1.0, epochs=1, laplace=True)):
+        res = train_local(model, wire, x, y, settings)
+        assert res.site is not None
+        for k in tmpl:
+            m = res.mean[k].double()
+            s_site = res.site.prec[k].double()
+            s_pi, c = wire.prec[k].double(), wire.eta[k].double() / wire.prec[k].double()
+            ref_eta = s_site * m + s_pi * (m - c)
+            scale = float((s_pi * (m - c)).abs().max() + (s_site * m).abs().max())
+            err = float((res.site.eta[k].double() - ref_eta).abs().max())
+            assert err <= 1e-12 * scale, (settings.mode, k, err, scale)
+            naive = ((wire.prec[k] + s_site.float()) * res.mean[k] - wire.eta[k]).double()
+            # the naive float32 difference is much worse: this is what the direct form avoids
+            assert float((naive - ref_eta).abs().max()) > 10 * err
+
+
+def test_diag_ggn_matches_brute_force() -> None:
+    x, _ = _digits(20)
+    model = build_model("mlp", 64, 10, hidden=(5,), activation="tanh", seed=0).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    got = diag_ggn(model, params, x.double())
+    # brute force: Σᵢ Jᵢᵀ (diag p − ppᵀ) Jᵢ diagonal with torch.autograd.functional.jacobian
+    flat = torch.cat([v.reshape(-1) for v in params.values()])
+    shapes = {k: v.shape for k, v in params.items()}
+
+    def out(theta: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        p, i = {}, 0
+        for k, s in shapes.items():
+            n = int(torch.Size(s).numel())
+            p[k] = theta[i : i + n].reshape(s)
+            i += n
+        return torch.func.functional_call(model, p, (xi[None],))[0]
+
+    total = torch.zeros_like(flat)
+    for xi in x.double():
+        jac = torch.autograd.functional.jacobian(lambda t, xi=xi: out(t, xi), flat)
+        p = out(flat, xi).softmax(-1)
+        lam = torch.diag(p) - torch.outer(p, p)
+        total += torch.diag(jac.T @ lam @ jac)
+    got_flat = torch.cat([v.reshape(-1) for v in got.values()])
+    assert torch.allclose(got_flat, total, atol=1e-10)
+    # the Linear-layer fast path ((δ²)ᵀ(a²) per factor column; used when params are the model's own) agrees
+    fast = diag_ggn(model, dict(model.named_parameters()), x.double())
+    assert torch.allclose(torch.cat([v.reshape(-1) for v in fast.values()]), total, atol=1e-10)
+    gauss = build_model("linreg", 64, 1, seed=0).double()
+    xd = x.double()
+    g_fast = diag_ggn(gauss, dict(gauss.named_parameters()), xd, loss="gaussian", noise_var=0.5)
+    assert torch.allclose(g_fast["1.weight"][0], (xd**2).sum(0) / 0.5, atol=1e-10)
+    assert float(g_fast["1.bias"][0]) == pytest.approx(len(xd) / 0.5)
+
+
+def test_ivon_mode_learns_and_site_is_consistent() -> None:
+    x, y = _digits(600)
+    model = build_model("logreg", 64, 10, seed=0)
+    prior = DiagGaussian.isotropic(dict(model.named_parameters()), 1.0)
+    settings = LocalSettings(mode="ivon", lr=0.2, epochs=8, batch_size=32, hess_init=0.5, beta2=0.999, seed=3)
+    res = train_local(model, prior, x, y, settings)
+    acc = float((model(x).argmax(1) == y).float().mean())
+    assert acc > 0.85
+    assert res.site is not None and res.num_examples == 600
+    post = prior.to(torch.float32) + res.site
+    for k, m in post.mean().items():  # prior + site has the local mean exactly
+        assert torch.allclose(m, res.mean[k], atol=1e-4)
+    # same seed -> same result
+    res2 = train_local(build_model("logreg", 64, 10, seed=0), prior, x, y, settings)
+    assert all(torch.equal(res.mean[k], res2.mean[k]) for k in res.mean)
+
+
+def test_fedavg_style_zero_prior_point_mode() -> None:
+    x, y = _digits(200)
+    model = build_model("logreg", 64, 10, seed=0)
+    prior = DiagGaussian.zeros_like(dict(model.named_parameters()))
+    res = train_local(model, prior, x, y, LocalSettings(mode="adam", lr=0.05, epochs=5, batch_size=20))
+    assert res.site is None and res.metrics["steps"] == 50
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(lr=0.0), "lr"),
+        (dict(lr=-1.0), "lr"),
+        (dict(temperature=math.nan), "temperature"),
+        (dict(mode="rmsprop"), "mode"),
+        (dict(epochs=0), "epochs"),
+        (dict(beta2=1.0), "beta2"),
+    ],
+)
+def test_bad_settings(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LocalSettings(**kw)
+
+
+def test_bad_data_and_prior() -> None:
+    model = build_model("logreg", 64, 10)
+    prior = DiagGaussian.isotropic(dict(model.named_parameters()), 1.0)
+    with pytest.raises(ValueError, match="empty"):
+        train_local(model, prior, torch.zeros(0, 64), torch.zeros(0, dtype=torch.long), LocalSettings())
+    bad = DiagGaussian.isotropic({"w": torch.zeros(3)}, 1.0)
+    with pytest.raises(ValueError, match="names differ"):
+        train_local(model, bad, torch.zeros(4, 64), torch.zeros(4, dtype=torch.long), LocalSettings())
+    nan_prior = prior.clone()
+    nan_prior.prec["1.weight"][0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"'1\.weight' prec has non-finite"):
+        train_local(model, nan_prior, torch.zeros(4, 64), torch.zeros(4, dtype=torch.long), LocalSettings())
