@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedbayes.algorithms import REGISTRY, Algorithm, AlgorithmConfig, get_algorithm
-from fedbayes.data.datasets import dataset_names
+from fedbayes.data.datasets import DATASETS, dataset_names
 from fedbayes.data.partition import PARTITIONERS
 from fedbayes.models import model_names
 
@@ -59,11 +59,29 @@ class RunConfig(BaseModel):
     size_alpha: float = Field(1.0, gt=0.0)
     class_alpha: float = Field(0.5, gt=0.0)
     classes_per_client: int = Field(2, ge=1)
+    per_class: int | None = Field(None, ge=1)
+    """Examples per class: drawn from each class by ``partition = "paper"`` (required there; 600 for the papers'
+    "10p" Fashion-MNIST runs), given to each of a client's classes by ``"shards"`` (unset: the most that fits)."""
+    pool_clients: int = Field(0, ge=0)
+    """0: off.  K > 0: draw the partition for K clients and give their union to the one client (needs
+    ``num-clients = 1``); the pooled-data baseline on exactly the federation's examples."""
+    raw_pixels: bool = False
+    """Image datasets: feed the raw pixel values (0-255) instead of [0, 1] (as the reference code did for
+    Fashion-MNIST)."""
     rounds: int = Field(10, ge=1)
     seed: int = Field(0, ge=0)
     clients_per_round: float = Field(1.0, gt=0.0)
     """A fraction in (0, 1] of the K clients, or a whole number of clients > 1."""
     eval_every: int = Field(1, ge=1)
+    validation_fraction: float = Field(0.0, ge=0.0, lt=0.5)
+    """f > 0: set aside a validation set of round(f · n) examples, n = the examples the clients hold: a
+    stratified sample (seeded by ``seed``) of the training-file examples no client holds, so the clients' data
+    is unchanged; only when too few are unused (``train-fraction = 1`` and a partition that uses everything)
+    held out of the training set before partitioning.  The test set is never touched
+    (:mod:`fedbayes.data.validation`)."""
+    eval_split: Literal["test", "validation"] = "test"
+    """What each round is evaluated on; ``"validation"`` (needs ``validation-fraction`` > 0) writes ``val_*``
+    metric keys (``val_nll``, ``bma_val_nll``) instead of ``test_*``, so the two can never be mixed up."""
     bma_samples: int = Field(16, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -164,6 +182,34 @@ class RunConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _data_keys(self) -> RunConfig:
+        if self.partition == "paper":
+            if self.train_fraction != 1.0:
+                raise ValueError(
+                    f"partition 'paper' indexes the whole training file: it needs train-fraction = 1 (got "
+                    f"{self.train_fraction}); set its size with per-class (600 for the papers' 10p runs)"
+                )
+            if self.per_class is None:
+                raise ValueError("partition 'paper' needs per-class (examples drawn per class, e.g. 600)")
+        if self.pool_clients > 0 and self.num_clients != 1:
+            raise ValueError(
+                f"pool-clients = {self.pool_clients} pools the partition into one client: it needs num-clients = 1 "
+                f"(got {self.num_clients})"
+            )
+        if self.raw_pixels and DATASETS[self.dataset].pixel_max is None:
+            with_pixels = [n for n, s in DATASETS.items() if s.pixel_max is not None]
+            raise ValueError(
+                f"raw-pixels = true needs an image dataset ({', '.join(with_pixels)}); '{self.dataset}' has no pixels"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _eval_split(self) -> RunConfig:
+        if self.eval_split == "validation" and self.validation_fraction <= 0:
+            raise ValueError("eval-split = 'validation' needs validation-fraction > 0 (e.g. 0.1)")
+        return self
+
+    @model_validator(mode="after")
     def _exclude_range(self) -> RunConfig:
         bad = [c for c in self.exclude_clients if not 0 <= c < self.num_clients]
         if bad:
@@ -237,6 +283,10 @@ def resolve(flat: Mapping[str, Any]) -> Experiment:
         algo = algo_cls.Config.model_validate({k: v for k, v in norm.items() if k in algo_keys})
     except ValidationError as e:
         raise ConfigError(_format(e, f"{run.algorithm} config")) from None
+    try:  # checks that need the federation's size K (e.g. fedlap-cov's rho <= 2/K)
+        algo_cls.check_config(algo, run.num_clients - len(set(run.exclude_clients)))
+    except ValueError as e:
+        raise ConfigError(f"invalid {run.algorithm} config: {e}") from None
     return Experiment(run=run, algo=algo)
 
 

@@ -30,21 +30,25 @@ from torch import Tensor, nn
 
 from fedbayes.algorithms import Algorithm, DiskStore, cosine_lr
 from fedbayes.algorithms.base import ClientTask, ClientUpdate
-from fedbayes.config import Experiment, resolve
-from fedbayes.data import Dataset, load_dataset, partition, split_summary
+from fedbayes.config import ConfigError, Experiment, resolve
+from fedbayes.data import Dataset, load_dataset, partition, pool, split_summary
+from fedbayes.data.validation import ValidationSet, split_validation
 from fedbayes.local import LocalSettings
 from fedbayes.metrics import evaluate_model
 from fedbayes.models import build_model
 from fedbayes.protocol import InvalidReply, decode_reply, encode_task, execute, nbytes, settings_to_config
-from fedbayes.results import ResultsWriter, load_checkpoint
+from fedbayes.results import ResultsWriter, atomic_write_bytes, load_checkpoint
 
 __all__ = [
     "Federation",
+    "check_round",
     "client_config",
+    "client_parts",
     "client_seed",
     "evaluate_global",
     "participants",
     "resolve_device",
+    "round_diagnostics",
     "run_experiment",
     "run_rounds",
 ]
@@ -89,6 +93,29 @@ def injected_failure(exp: Experiment, server_round: int, client: int) -> str | N
     return None
 
 
+def check_round(server_round: int, updates: list[ClientUpdate], reasons: Mapping[int, str]) -> None:
+    """Stop the run (``RuntimeError``) when no reply arrived and every chosen client that trained failed with an
+    error (diverged or sent an invalid reply): the configuration is broken, carrying on would only repeat it.
+    A round whose clients were merely absent (``fail-rate``, stragglers, timeouts) is a no-op, not an error."""
+    if updates or not reasons:  # a client that trained either replied (an update) or failed (a reason)
+        return
+    detail = "; ".join(f"client {c}: {why}" for c, why in sorted(reasons.items()))
+    raise RuntimeError(f"round {server_round}: every client that trained failed, stopping ({detail})")
+
+
+def round_diagnostics(rule: Algorithm, updates: list[ClientUpdate], reasons: Mapping[int, str]) -> dict[str, Any]:
+    """The metrics-row fields shared by every engine: why clients failed (``failed_reasons``, client id → text)
+    and how many coordinates each safeguard touched this round (``guard_*``: the rule's own, e.g.
+    ``guard_safe_prior``, plus ``guard_site_clamp``, the site precisions clamped at 0 by IVON clients)."""
+    out: dict[str, Any] = {"failed_reasons": {str(c): why for c, why in sorted(reasons.items())}}
+    for name, n in sorted(rule.pop_guard_counts().items()):
+        out["guard_" + name.replace("-", "_")] = n
+    clamped = [u.metrics["site-clamped"] for u in updates if "site-clamped" in u.metrics]
+    if clamped:
+        out["guard_site_clamp"] = int(sum(clamped))
+    return out
+
+
 def client_config(exp: Experiment, rule: Algorithm, task: ClientTask, server_round: int, client: int) -> dict[str, Any]:
     """The ConfigRecord for client k: LocalSettings defaults ← the rule's local defaults ← the user's local keys
     ← the task's overrides, with the round's learning rate and seed."""
@@ -120,17 +147,21 @@ class Federation:
     client_data: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     x_test: Tensor | None = None
     y_test: Tensor | None = None
+    validation: ValidationSet | None = None
+    """The validation set (``validation-fraction`` > 0; :mod:`fedbayes.data.validation`), else None."""
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
 
     @staticmethod
     def build(exp: Experiment, out_dir: Path | None = None, data_dir: Path | None = None) -> Federation:
         run = exp.run
-        data = load_dataset(run.dataset, data_dir=data_dir, train_fraction=run.train_fraction, seed=run.seed)
-        params: dict[str, Any] = {}
-        if run.partition == "dirichlet":
-            params = {"size_alpha": run.size_alpha, "class_alpha": run.class_alpha}
-        elif run.partition == "shards":
-            params = {"classes_per_client": run.classes_per_client}
-        parts = partition(data.y_train, run.num_clients, run.partition, seed=run.seed, **params)
+        data = load_dataset(run.dataset, data_dir=data_dir, train_fraction=run.train_fraction, seed=run.seed,
+                            raw_pixels=run.raw_pixels, keep_rest=run.validation_fraction > 0)
+        parts = client_parts(exp, data)
+        validation = None
+        if run.validation_fraction > 0:  # from the examples no client holds, else held out before partitioning
+            data, parts, validation = split_validation(data, parts, run.validation_fraction, run.seed,
+                                                       lambda d: client_parts(exp, d))
         model = make_model(exp, data)
         store = DiskStore(out_dir / "client-state") if (run.store == "disk" and out_dir is not None) else None
         template = {k: v.detach() for k, v in model.named_parameters()}
@@ -144,11 +175,65 @@ class Federation:
         fed = Federation(exp, data, parts, model, rule, device, client_data)
         fed.x_test = torch.from_numpy(data.x_test)
         fed.y_test = torch.from_numpy(data.y_test).to(ydt)
+        if validation is not None:
+            fed.validation = validation
+            fed.x_val = torch.from_numpy(validation.x)
+            fed.y_val = torch.from_numpy(validation.y).to(ydt)
         return fed
+
+    def eval_data(self) -> tuple[Tensor, Tensor, str]:
+        """What each round is evaluated on (run key ``eval-split``) and its metric-key prefix: the test set
+        (``"test_"``) or the validation set (``"val_"``)."""
+        if self.exp.run.eval_split == "validation":
+            if self.x_val is None or self.y_val is None:
+                raise ValueError("eval-split = 'validation' but the federation has no validation set")
+            return self.x_val, self.y_val, "val_"
+        assert self.x_test is not None and self.y_test is not None
+        return self.x_test, self.y_test, "test_"
+
+    def write_split(self, out_dir: Path) -> None:
+        """``split.json``: the validation split's summary and fingerprint (nothing without a validation set)."""
+        if self.validation is None:
+            return
+        info = {"eval-split": self.exp.run.eval_split, **self.validation.summary()}
+        atomic_write_bytes(Path(out_dir) / "split.json", (json.dumps(info, indent=2) + "\n").encode())
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.model.named_parameters()}
+
+
+def client_parts(exp: Experiment, data: Dataset) -> list[np.ndarray]:
+    """The clients' index arrays into ``data``'s training set: the run's partition scheme with its keys, or, with
+    ``pool-clients`` = K > 0, the union of that scheme's K clients as the one client's data.
+
+    Raises
+    ------
+    ConfigError
+        A partition key that does not fit the loaded data (e.g. ``per-class`` above a class's size).
+    """
+    run = exp.run
+    params: dict[str, Any] = {}
+    if run.partition == "dirichlet":
+        params = {"size_alpha": run.size_alpha, "class_alpha": run.class_alpha}
+    elif run.partition == "shards":
+        params = {"classes_per_client": run.classes_per_client}
+        if run.per_class is not None:
+            params["per_class"] = run.per_class
+    elif run.partition == "paper":
+        params = {"size_alpha": run.size_alpha, "class_alpha": run.class_alpha, "per_class": run.per_class}
+    k = run.pool_clients if run.pool_clients > 0 else run.num_clients
+    try:
+        parts = partition(data.y_train, k, run.partition, seed=run.seed, **params)
+    except ValueError as e:
+        keys = {"per_class": "per-class", "classes_per_client": "classes-per-client", "num_clients": "num-clients"}
+        msg = str(e)
+        for snake, kebab in keys.items():
+            msg = msg.replace(snake, kebab)
+        if run.pool_clients > 0:
+            msg = msg.replace("num-clients", "pool-clients")
+        raise ConfigError(f"partition '{run.partition}' of {run.dataset}: {msg}") from None
+    return [pool(parts)] if run.pool_clients > 0 else parts
 
 
 def make_model(exp: Experiment, data: Dataset) -> nn.Module:
@@ -162,16 +247,17 @@ def make_model(exp: Experiment, data: Dataset) -> nn.Module:
 
 def evaluate_global(
     rule: Algorithm, model: nn.Module, x: Tensor, y: Tensor, task: str, exp: Experiment, server_round: int,
-    device: str = "cpu",
+    device: str = "cpu", prefix: str = "test_",
 ) -> dict[str, float]:
-    """Test metrics of the global mean and (Bayesian rules, ``bma-samples`` > 0) of the posterior average."""
+    """Metrics on (x, y) of the global mean (``{prefix}*``) and (Bayesian rules, ``bma-samples`` > 0) of the
+    posterior average (``bma_{prefix}*``); ``prefix`` is ``"test_"`` or ``"val_"`` (:meth:`Federation.eval_data`)."""
     posterior = rule.global_posterior()
     if posterior is not None:
         posterior = rule.floor(posterior)
     return evaluate_model(
         model, rule.global_mean(), x, y, task, posterior=posterior,
         samples=exp.run.bma_samples if posterior is not None else 0,
-        noise_var=exp.run.noise_var or 1.0, seed=exp.run.seed * 7919 + server_round, device=device,
+        noise_var=exp.run.noise_var or 1.0, seed=exp.run.seed * 7919 + server_round, device=device, prefix=prefix,
     )
 
 
@@ -196,6 +282,9 @@ def run_experiment(
         The results folder (None: keep nothing on disk).
     resume
         Continue from ``out_dir/checkpoint`` (its config wins; ``exp.rounds`` may extend the run).
+    on_round
+        Called with each round's metrics row once the round is recorded; an exception it raises (e.g.
+        ``optuna.TrialPruned`` from ``fedbayes tune``) stops the run and propagates.
     fail
         ``fail(round, client) -> True`` drops that client's reply (failure injection for tests/benchmarks).
     stop_round
@@ -222,6 +311,8 @@ def run_experiment(
         writer.config = exp.to_flat()
         assert out is not None
         (out / "config.json").write_text(json.dumps(writer.config, indent=2) + "\n")
+    if out is not None:
+        fed.write_split(out)
     log.info("%s: %s", exp.run.dataset, split_summary(fed.parts, fed.data.y_train))
     if progress:
         print(f"[fedbayes] {exp.run.algorithm} on {exp.run.dataset}: {split_summary(fed.parts, fed.data.y_train)}")
@@ -257,6 +348,7 @@ def run_rounds(
         chosen = participants(exp, r)
         updates: list[ClientUpdate] = []
         failed: list[int] = []
+        reasons: dict[int, str] = {}
         up = down = 0
         train_s = 0.0
         losses = []
@@ -269,29 +361,39 @@ def run_rounds(
                 failed.append(c)  # the reply never arrives (or arrives after the deadline): client stays stale
                 continue
             x, y = fed.client_data[c]
-            reply, metrics = execute(fed.model, msg, cfg, x, y, device=fed.device)
+            try:
+                reply, metrics = execute(fed.model, msg, cfg, x, y, device=fed.device)
+            except ArithmeticError as e:  # local training diverged (FloatingPointError): a failed client
+                log.warning("round %d: client %d failed: %s", r, c, e)
+                failed.append(c)
+                reasons[c] = f"diverged: {e}"
+                continue
             up += nbytes(reply)
             try:
                 u = decode_reply(reply, metrics, client=c, shapes=fed.shapes, need_site=fed.rule.needs_site(),
-                                 expected_examples=sizes[c])
+                                 expected_examples=sizes[c],
+                                 prior_prec=task.prior.prec if fed.rule.signed_sites else None)
             except InvalidReply as e:
                 log.warning("round %d: dropped reply of client %d: %s", r, c, e)
                 failed.append(c)
+                reasons[c] = f"invalid reply: {e}"
                 continue
             updates.append(u)
             train_s += u.metrics.get("train-seconds", 0.0)
             losses.append(u.metrics.get("train-loss", float("nan")))
+        check_round(r, updates, reasons)
         fed.rule.aggregate(r, updates)
         row: dict[str, Any] = {"round": r}
         if r % exp.run.eval_every == 0 or r == exp.run.rounds:
-            assert fed.x_test is not None and fed.y_test is not None
-            row.update(evaluate_global(fed.rule, fed.model, fed.x_test, fed.y_test, fed.data.task, exp, r, fed.device))
+            x_ev, y_ev, prefix = fed.eval_data()
+            row.update(evaluate_global(fed.rule, fed.model, x_ev, y_ev, fed.data.task, exp, r, fed.device, prefix))
         row.update({
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "bytes_up": up, "bytes_down": down,
             "participants": [u.client for u in updates], "failed": failed,
             "train_s": train_s, "wall_s": time.perf_counter() - t_start,
         })
+        row.update(round_diagnostics(fed.rule, updates, reasons))
         rows.append(row)
         if writer is not None:
             writer.append_metrics(row)
@@ -303,8 +405,9 @@ def run_rounds(
             on_round(row)
         if bar is not None:
             bar.update(1)
-            if "test_accuracy" in row:
-                bar.set_postfix(acc=f"{row['test_accuracy']:.4f}", nll=f"{row['test_nll']:.3f}")
+            for pre in ("test_", "val_"):
+                if f"{pre}accuracy" in row:
+                    bar.set_postfix(acc=f"{row[f'{pre}accuracy']:.4f}", nll=f"{row[f'{pre}nll']:.3f}")
     if bar is not None:
         bar.close()
     return rows

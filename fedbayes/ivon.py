@@ -240,11 +240,14 @@ class IVON(FlatOptimizer):
         return means, precs
 
     @torch.no_grad()
-    def site(self, min_post_prec: float = 0.0) -> tuple[list[Tensor], list[Tensor]]:
+    def site(self, min_post_prec: float = 0.0, signed: bool = False) -> tuple[list[Tensor], list[Tensor]]:
         """The site λ̃ = (η̃, s̃) = (ess·h⊙m + s_π⊙m − η_π, ess·h), computed directly, in float64.
 
-        s̃ is floored at max(0, min_post_prec − s_π) (a site never removes evidence and the posterior it
-        implies stays proper); η̃ is formed so that the implied posterior mean is exactly m.
+        By default s̃ is floored at max(0, min_post_prec − s_π) (a PVI site never removes evidence and the
+        posterior it implies stays proper).  ``signed=True`` returns s̃ = ess·h as it is (it may be negative
+        where the noisy curvature estimate is): the implied posterior precision s_π + s̃ = ess·(h + δ) is > 0
+        anyway, which is all an ADMM rule needs (bayes-admm).  η̃ is formed so that the implied posterior mean
+        is exactly m.
         """
         etas, precs = [], []
         for group in self.param_groups:
@@ -253,8 +256,9 @@ class IVON(FlatOptimizer):
                 prior64 = (group["prior_prec"].double(), group["prior_center"].double(),
                            group["prior_lin"].double())
             s_pi, center, lin = prior64
-            s_site = (group["ess"] * group["hess"].double()).clamp_min(0.0)
-            s_site = torch.maximum(s_site, (min_post_prec - s_pi).clamp_min(0.0))
+            s_site = group["ess"] * group["hess"].double()
+            if not signed:
+                s_site = torch.maximum(s_site.clamp_min(0.0), (min_post_prec - s_pi).clamp_min(0.0))
             m = group["flat"].double()
             etas += self._split(group, s_site * m + s_pi * (m - center) - lin)
             precs += self._split(group, s_site)

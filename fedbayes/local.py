@@ -34,7 +34,7 @@ from fedbayes.gaussian import DiagGaussian, check_same_layout
 from fedbayes.ivon import IVON, split_natural
 from fedbayes.optim import SGD, Adam, FlatOptimizer
 
-__all__ = ["MODES", "LocalResult", "LocalSettings", "diag_ggn", "train_local"]
+__all__ = ["MODES", "LocalResult", "LocalSettings", "diag_ggn", "initial_curvature", "train_local"]
 
 MODES = ("ivon", "adam", "sgd", "lbfgs")
 LOSSES = ("ce", "gaussian")
@@ -61,6 +61,8 @@ class LocalSettings:
     grad_clip: float = 0.0
     max_steps: int = 0
     prior_per_example: bool = False
+    signed_site: bool = False
+    """IVON: send s̃ = ess·h unclamped (bayes-admm); default: clamp s̃ ≥ 0 (PVI sites never remove evidence)."""
     loss: str = "ce"
     noise_var: float = 1.0
     seed: int = 0
@@ -219,6 +221,44 @@ def diag_ggn(
     return out
 
 
+def initial_curvature(
+    prior_prec: Mapping[str, Tensor],
+    ess: float,
+    hess_init: float,
+    start_prec: Mapping[str, Tensor] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[Tensor]:
+    """IVON's starting data curvature h₀, one tensor per parameter.
+
+    * A start precision S is given (the server's posterior: every round after the first): h₀ = (S − s_π)/ess
+      **exactly**, so the client starts at the server's posterior, ess·(h₀ + δ) = S with δ = s_π/ess.  No
+      floor: a floor adds ess·floor of made-up precision to every coordinate of the site (with ess = Nₖ/(τρ)
+      ≈ 10⁵–10⁶ that held hidden layers 10²–10⁴ times too stiffly and cost bayes-admm 4–5 points).  h₀ may
+      be negative (a prior stiffer than the posterior, e.g. an ADMM dual); what IVON needs is h₀ + δ > 0,
+      i.e. S > 0, which the servers guarantee (global precisions are floored at ``min-prec``) and which is
+      checked here.
+    * No start precision (round 1, or a rule that sends none): h₀ = hess_init + max(0, −s_π/ess), so that
+      h₀ + δ ≥ hess_init > 0 even under a prior of negative precision.
+
+    This is how the reference resets IVON from the global posterior every round (h restarts from the global,
+    ``hess_init`` is used in round 1 only).
+    """
+    out = []
+    for k, s_pi in prior_prec.items():
+        s_pi = s_pi.to(device=device, dtype=torch.float64)
+        if start_prec is None:
+            h = hess_init + (-s_pi / ess).clamp_min(0.0)
+        else:
+            s = start_prec[k].to(device=device, dtype=torch.float64)
+            if not bool((s > 0).all()):
+                raise ValueError(f"start precision of '{k}' must be > 0 (min {float(s.min()):.3g})")
+            h = (s - s_pi) / ess
+        out.append(h.to(dtype))
+    return out
+
+
 def _check_data(x: Tensor, y: Tensor) -> None:
     if x.shape[0] == 0:
         raise ValueError("local data is empty: a client needs at least one example")
@@ -251,10 +291,10 @@ def train_local(
     settings
         See :class:`LocalSettings`.
     start_mean, start_prec
-        Warm start.  In IVON mode the data curvature starts at h = max((start_prec − s_π)/ess, hess_init),
-        i.e. at the global posterior when it is given, and never below ``hess_init`` (h = 0 gives the
-        prior's full variance as sampling noise).  With ``settings.prior_per_example`` the prior is given
-        per example and multiplied by ess here (FedProx/FedADMM/FedDyn put their penalties on the mean loss).
+        Warm start.  In IVON mode the data curvature starts exactly at the start precision when one is given,
+        h₀ = (start_prec − s_π)/ess (see :func:`initial_curvature`; no floor), else at ``hess_init``.  With
+        ``settings.prior_per_example`` the prior is given per example and multiplied by ess here
+        (FedProx/FedADMM/FedDyn put their penalties on the mean loss).
     """
     t0 = time.perf_counter()
     _check_data(x, y)
@@ -300,21 +340,16 @@ def train_local(
                 yield perm[i : i + b]
 
     site: DiagGaussian | None = None
+    extra_metrics: dict[str, float] = {}
     if settings.mode == "ivon":
         noise_gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
         opt = IVON(params, lr=settings.lr, ess=ess, hess_init=settings.hess_init, beta1=settings.beta1,
                    beta2=settings.beta2, weight_decay=0.0, mc_samples=settings.mc_samples,
                    clip_radius=settings.clip_radius, antithetic=settings.antithetic, generator=noise_gen)
         opt.set_prior([prior.eta[k] for k in named], [prior.prec[k] for k in named])
-        hess = []
-        for k in named:
-            # h ≥ hess_init + max(0, −s_π/ess): the start precision ess·h + s_π stays ≥ ess·hess_init > 0
-            h = settings.hess_init + (-precs[k] / ess).clamp_min(0.0)
-            if start_prec is not None:
-                warm = (start_prec[k].to(device=device, dtype=dtype) - precs[k]) / ess
-                h = torch.maximum(warm, h)
-            hess.append(h)
-        opt.set_hess(hess)
+        h0 = initial_curvature({k: prior.prec[k] for k in named}, ess, settings.hess_init, start_prec,
+                               device=device, dtype=dtype)
+        opt.set_hess(h0)
         for idx in batches():
             xb, yb = x[idx], y[idx]
             for _ in range(settings.mc_samples):
@@ -328,8 +363,10 @@ def train_local(
             steps += 1
             if max_steps and steps >= max_steps:
                 break
-        etas, sprecs = opt.site()
+        clamped = 0 if settings.signed_site else sum(int((g["hess"] < 0).sum()) for g in opt.param_groups)
+        etas, sprecs = opt.site(signed=settings.signed_site)
         site = DiagGaussian(dict(zip(named, etas, strict=True)), dict(zip(named, sprecs, strict=True)))
+        extra_metrics["site_clamped"] = float(clamped)
     else:
         neg = [k for k in named if bool((precs[k] < 0).any())]
         if neg:
@@ -398,5 +435,6 @@ def train_local(
         "train_loss": loss_sum / max(loss_count, 1),
         "steps": float(steps),
         "train_seconds": time.perf_counter() - t0,
+        **extra_metrics,
     }
     return LocalResult(mean=mean, site=site, num_examples=n, metrics=metrics)

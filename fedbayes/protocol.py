@@ -171,8 +171,13 @@ def decode_reply(
     need_site: bool,
     expected_examples: int | None = None,
     max_examples: int = 10**9,
+    prior_prec: Mapping[str, Any] | None = None,
 ) -> ClientUpdate:
     """Server side: validate a reply and turn it into a :class:`ClientUpdate` (float64 tensors).
+
+    ``prior_prec`` (the precision of the prior sent to this client) is given for rules with signed sites
+    (``Algorithm.signed_sites``): a site precision may then be negative as long as prior + site > 0; without it
+    every site precision must be ≥ 0.
 
     Raises
     ------
@@ -191,10 +196,17 @@ def decode_reply(
         raise InvalidReply("reply has only one of 'site.eta'/'site.prec'")
     for key, rec in records.items():
         _check_arrays(rec, shapes, f"record '{key}'")
-    if "site.prec" in records:
+    sent = prior_prec
+    if "site.prec" in records and sent is None:
         for k, arr in records["site.prec"].items():
             if float(arr.min(initial=0.0)) < 0:
                 raise InvalidReply(f"record 'site.prec': '{k}' has negative precision {float(arr.min()):.3g}")
+    elif "site.prec" in records and sent is not None:  # a signed site: the posterior it implies must be proper
+        for k, arr in records["site.prec"].items():
+            post = np.asarray(arr).astype(np.float64) + np.asarray(sent[k]).astype(np.float64)
+            if post.size and float(post.min()) <= 0:
+                raise InvalidReply(f"record 'site.prec': '{k}' implies a posterior precision {float(post.min()):.3g}"
+                                   " <= 0 (prior + site)")
     n = metrics.get("num-examples")
     if isinstance(n, bool) or not isinstance(n, int | float) or not math.isfinite(float(n)) or float(n) != int(n):
         raise InvalidReply(f"num-examples must be a whole number, got {n!r}")

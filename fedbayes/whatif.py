@@ -182,7 +182,7 @@ def admm_contributions(rule: Algorithm, corrected: bool = True) -> dict[int, Dia
     """
     if not isinstance(rule, BayesADMM):
         raise UnsupportedAlgorithmError(f"admm_contributions needs a bayes-admm rule, got '{rule.name}'")
-    rho, gamma = rule.config.rho, rule.config.damping
+    rho, gamma = rule.rho, rule.config.damping
     glob = rule.global_posterior()
     out: dict[int, DiagGaussian] = {}
     for c in rule.store.clients():
@@ -828,14 +828,15 @@ def forget(
 
 
 def architecture(exp: Experiment) -> dict[str, Any]:
-    """What two runs must share to be combined: dataset, model, hidden widths, activation and δ of λ₀."""
+    """What two runs must share to be combined: dataset and its input scale, model, hidden widths, activation
+    and δ of λ₀."""
     r = exp.run
-    return {"dataset": r.dataset, "model": r.model, "hidden": list(r.hidden), "activation": r.activation,
-            "prior-prec": getattr(exp.algo, "prior_prec", None)}
+    return {"dataset": r.dataset, "raw-pixels": r.raw_pixels, "model": r.model, "hidden": list(r.hidden),
+            "activation": r.activation, "prior-prec": getattr(exp.algo, "prior_prec", None)}
 
 
 _PARTITION_KEYS = ("dataset", "train_fraction", "num_clients", "partition", "size_alpha", "class_alpha",
-                   "classes_per_client", "seed")
+                   "classes_per_client", "per_class", "pool_clients", "seed")
 
 
 def same_partition(a: LoadedRun, b: LoadedRun) -> bool:

@@ -76,6 +76,7 @@ def main(grid: Grid, context: Context) -> None:
         return
     strategy.bind_nodes(grid, opts.node_wait_s)
     strategy.writer = prepare_folder(resume) if resume is not None else ResultsWriter(out, exp.to_flat())
+    fed.write_split(out)  # split.json when the run has a validation set
     strategy.start(
         grid=grid,
         initial_arrays=arrays_of(fed.rule.global_mean()),

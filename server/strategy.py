@@ -47,7 +47,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedbayes.algorithms.base import ClientUpdate
-from fedbayes.engine import Federation, client_config, evaluate_global, injected_failure, participants
+from fedbayes.engine import (
+    Federation,
+    check_round,
+    client_config,
+    evaluate_global,
+    injected_failure,
+    participants,
+    round_diagnostics,
+)
 from fedbayes.protocol import InvalidReply, decode_reply, encode_task, nbytes
 from fedbayes.results import ResultsWriter
 
@@ -75,6 +83,9 @@ class _Round:
     sent: dict[int, int] = field(default_factory=dict)  # node id -> client
     messages: list[Message] = field(default_factory=list)  # the train messages (ids set by the grid on push)
     failed: list[int] = field(default_factory=list)
+    reasons: dict[int, str] = field(default_factory=dict)
+    prior_prec: dict[int, dict[str, Any]] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
     updates: list[ClientUpdate] = field(default_factory=list)
     up: int = 0
     down: int = 0
@@ -280,6 +291,8 @@ class FedBayesStrategy(Strategy):
         messages = []
         for c in rnd.chosen:
             task = rule.configure(c, server_round)
+            if rule.signed_sites:  # the reply is checked against the prior it answers (prior + site > 0)
+                rnd.prior_prec[c] = task.prior.prec
             cfg = client_config(self.exp, rule, task, server_round, c)
             recs = encode_task(task)
             rnd.down += nbytes(recs)
@@ -307,7 +320,7 @@ class FedBayesStrategy(Strategy):
         names = list(self.fed.shapes)
         records = {name: _ordered(rec, names) for name, rec in _records(reply.content).items()}
         return decode_reply(records, metrics, client=c, shapes=self.fed.shapes, need_site=self.fed.rule.needs_site(),
-                            expected_examples=self.expected_examples(c))
+                            expected_examples=self.expected_examples(c), prior_prec=rnd.prior_prec.get(c))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -335,12 +348,17 @@ class FedBayesStrategy(Strategy):
                 got[c] = self._decode(rnd, reply, node)
             except InvalidReply as e:
                 log.warning("round %d: dropped reply of client %d: %s", server_round, c, e)
+                if not (reply.has_error() and int(reply.metadata.src_node_id) != node):
+                    rnd.reasons[c] = str(e)  # the ClientApp failed (e.g. diverged) or its reply was invalid
+                # else the node is unreachable (the SuperLink answered): an absent client, like a timeout
         for c in rnd.sent.values():
             if c not in replied:
                 log.warning("round %d: no reply from client %d within round-timeout", server_round, c)
         rnd.updates = [got[c] for c in rnd.chosen if c in got]
         rnd.failed = [c for c in rnd.chosen if c not in got]
+        check_round(server_round, rnd.updates, rnd.reasons)
         self.fed.rule.aggregate(server_round, rnd.updates)
+        rnd.diagnostics = round_diagnostics(self.fed.rule, rnd.updates, rnd.reasons)
         losses = [u.metrics.get("train-loss", float("nan")) for u in rnd.updates]
         metrics: dict[str, Any] = {"num-updates": len(rnd.updates), "num-failed": len(rnd.failed)}
         if losses:
@@ -357,7 +375,8 @@ class FedBayesStrategy(Strategy):
         return None
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """The ``evaluate_fn``: central test metrics and the engine's metrics row, posterior and checkpoint."""
+        """The ``evaluate_fn``: central test (or, ``eval-split = "validation"``, validation) metrics and the engine's
+        metrics row, posterior and checkpoint."""
         server_round = self.absolute(server_round)
         if server_round == 0:
             return None  # the engine has no round-0 row
@@ -367,9 +386,9 @@ class FedBayesStrategy(Strategy):
         exp, fed = self.exp, self.fed
         row: dict[str, Any] = {"round": server_round}
         if server_round % exp.run.eval_every == 0 or server_round == exp.run.rounds:
-            assert fed.x_test is not None and fed.y_test is not None
-            row.update(evaluate_global(fed.rule, fed.model, fed.x_test, fed.y_test, fed.data.task, exp, server_round,
-                                       fed.device))
+            x_ev, y_ev, prefix = fed.eval_data()  # the test set, or the validation set (eval-split): val_* keys
+            row.update(evaluate_global(fed.rule, fed.model, x_ev, y_ev, fed.data.task, exp, server_round,
+                                       fed.device, prefix))
         losses = [u.metrics.get("train-loss", float("nan")) for u in rnd.updates]
         row.update({
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
@@ -378,6 +397,7 @@ class FedBayesStrategy(Strategy):
             "train_s": float(sum(u.metrics.get("train-seconds", 0.0) for u in rnd.updates)),
             "wall_s": self.wall_before + time.perf_counter() - self.t_start,
         })
+        row.update(rnd.diagnostics)
         self.rows.append(row)
         if self.writer is not None:
             self.writer.append_metrics(row)

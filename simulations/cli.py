@@ -1,4 +1,4 @@
-"""The ``fedbayes`` command line: run, compare, algorithms, data fetch, bench.
+"""The ``fedbayes`` command line: run, compare, tune, tune-apply, algorithms, data fetch, bench.
 
 Every configuration problem (unknown algorithm, dataset, model, preset or key; a ``--set`` of the wrong type
 or out of range) is reported with what is valid, before any training starts, with exit status 2.
@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         rows = run_experiment(exp, out, progress=not args.quiet)
     last = rows[-1]
-    keys = [k for k in last if k.startswith(("test_", "bma_test_"))]
+    keys = [k for k in last if k.startswith(("test_", "bma_test_", "val_", "bma_val_"))]
     print(" ".join(f"{k}={last[k]:.4f}" for k in keys))
     print(f"[fedbayes] results in {out}")
     return 0
@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     from simulations.whatif_cli import add_subparsers as add_whatif
 
     add_whatif(sub)  # whatif, influence, forget, merge (answers from the stored sites, no retraining)
+
+    from simulations.tune import add_subparsers as add_tune
+
+    add_tune(sub)  # tune, tune-apply (Optuna studies on a validation split)
     return p
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbayes.algorithms import REGISTRY
-from fedbayes.config import ConfigError, Experiment, resolve
+from fedbayes.config import ConfigError, Experiment, RunConfig, resolve
 
 __all__ = ["PRESET_DIR", "Preset", "centralized_config", "load_preset", "preset_names"]
 
@@ -76,9 +76,13 @@ def load_preset(name_or_path: str) -> Preset:
 
 def centralized_config(preset: Preset, seed: int, sets: dict[str, Any] | None = None) -> dict[str, Any]:
     """The pooled-data upper bound: the same model and optimiser (FedAvg's local settings) on one client that
-    holds all the data, for the same number of rounds × local epochs."""
+    holds exactly the federation's examples (the union of the preset's partition, ``pool-clients``), for the
+    same number of rounds × local epochs.  For ``iid`` and ``dirichlet``, which use every example, that is the
+    whole (``train-fraction``) training set; for ``shards`` and ``paper`` only the examples the clients hold."""
     cfg = {**preset.base, **preset.algorithms.get("fedavg", {}), **(sets or {})}
-    cfg.update({"algorithm": "fedavg", "num-clients": 1, "partition": "iid", "clients-per-round": 1.0})
+    clients = int(cfg.get("num-clients", RunConfig.model_fields["num_clients"].default))
+    cfg.pop("exclude-clients", None)
+    cfg.update({"algorithm": "fedavg", "num-clients": 1, "pool-clients": clients, "clients-per-round": 1.0})
     cfg.update(preset.centralized)
     cfg["seed"] = seed
     return cfg

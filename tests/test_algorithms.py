@@ -242,10 +242,7 @@ def test_site_rules_damped_sites_cavities_and_global(cls: type[Algorithm]) -> No
         task = rule.configure(c, 1)
         close(as_nat(task.prior), LAM0)  # cavity = λ₀ while all sites are 0
         close(flat(task.start_mean), t(*INIT))  # type: ignore[arg-type]
-        if warm:
-            close(flat(task.start_prec), t(d, d, d))  # type: ignore[arg-type]
-        else:
-            assert task.start_prec is None
+        assert task.start_prec is None  # round 1: the global is only λ₀, IVON starts from hess-init
     rule.aggregate(1, [site_update(0, 10, TA), site_update(1, 30, TB)])
     s0, s1, s2 = (1 - rho) * 0 + rho * TA, (1 - rho) * 0 + rho * TB, torch.zeros(2, 3, dtype=F64)
     glob = LAM0 + s0 + s1 + s2
@@ -277,8 +274,8 @@ def test_bayes_admm_duals_and_server_step(server_step: float | None) -> None:
         task = rule.configure(c, 1)
         close(as_nat(task.prior), LAM0)  # πₖ = λ̄ − λ̂ₖ/ρ with λ̄ = λ₀, λ̂ₖ = 0
         close(flat(task.start_mean), t(*INIT))  # type: ignore[arg-type]
-        close(flat(task.start_prec), t(d, d, d))  # type: ignore[arg-type]
-        assert task.overrides == {"ess_scale": rho}  # ess = Nₖ/(τρ)
+        assert task.start_prec is None  # round 1: the global is only λ₀, IVON starts from hess-init
+        assert task.overrides == {"ess_scale": rho, "signed_site": True}  # ess = Nₖ/(τρ), s̃ = ess·h unclamped
     bar0 = LAM0
     rule.aggregate(1, [site_update(0, 10, TA), site_update(1, 30, TB)])
     lam0_, lam1_ = (bar0 - 0 / rho) + TA, (bar0 - 0 / rho) + TB  # λₖ = πₖ + site

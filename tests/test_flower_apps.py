@@ -115,7 +115,8 @@ def _strip(rows: list[dict[str, Any]], *drop: str) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------ server + client
 @pytest.mark.parametrize("extra", [{}, {"fail-rate": 0.3, "straggler-rate": 0.2, "exclude-clients": "2",
-                                      "clients-per-round": 2, "algorithm": "fedprox"}])
+                                      "clients-per-round": 2, "algorithm": "fedprox"},
+                                   {"validation-fraction": 0.1, "eval-split": "validation"}])
 def test_server_app_in_process_equals_engine(tmp_path: Path, extra: dict[str, Any]) -> None:
     """Shuffled node ids, identity by partition-id: the ServerApp writes the engine's results, bit for bit
     (also with sampled, excluded and injected-failure clients)."""
@@ -128,9 +129,12 @@ def test_server_app_in_process_equals_engine(tmp_path: Path, extra: dict[str, An
     pa, pb = read_posterior(tmp_path / "engine"), read_posterior(tmp_path / "flower")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert (tmp_path / "flower" / "checkpoint" / "meta.json").exists()
+    if "eval-split" in extra:  # evaluated on the same validation split, with val_* keys
+        assert "val_nll" in flw[-1] and (tmp_path / "flower" / "split.json").read_text() == (
+            tmp_path / "engine" / "split.json").read_text()
     train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     assert len(train) == sum(len(r["participants"]) for r in eng)  # one message per client that trained
-    if not extra:
+    if not extra or "eval-split" in extra:
         assert {m.content.config_records["config"]["partition-id"] for m in train} == {0, 1, 2, 3}
     else:
         assert any(r["failed"] for r in eng) and all(2 not in r["participants"] for r in eng)
@@ -159,13 +163,15 @@ def test_bad_reply_is_dropped_and_the_round_goes_on(tmp_path: Path, caplog: pyte
     grid = LoopbackGrid(_nodes(), run_config(FLAT, **{"out-dir": str(tmp_path / "flower")}), tamper)
     with caplog.at_level("WARNING", logger="flwr"):
         server_main(grid, Context(1, 1, {}, RecordDict(), grid.contexts[node_of[0]].run_config))  # type: ignore[arg-type]
-    assert "dropped reply of client 1: record 'site.prec'" in caplog.text and "negative precision" in caplog.text
+    # bayes-admm sites are signed: a reply is dropped when prior + site is not a proper precision
+    assert "dropped reply of client 1: record 'site.prec'" in caplog.text and "posterior precision" in caplog.text
     assert "dropped reply of client 2: the ClientApp failed: boom" in caplog.text
     rows = read_metrics(tmp_path / "flower")
     assert rows[0]["participants"] == [0, 3] and rows[0]["failed"] == [1, 2]
     assert rows[1]["participants"] == [0, 1, 2, 3] and rows[1]["failed"] == []
     eng = _engine(FLAT, tmp_path / "engine", fail=lambda r, c: r == 1 and c in (1, 2))
-    assert _strip(rows, "bytes_up") == _strip(eng, "bytes_up")
+    assert _strip(rows, "bytes_up", "failed_reasons") == _strip(eng, "bytes_up", "failed_reasons")
+    assert set(rows[0]["failed_reasons"]) == {"1", "2"}  # real failures carry their reason; injected ones none
     pa, pb = read_posterior(tmp_path / "engine"), read_posterior(tmp_path / "flower")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 

@@ -173,3 +173,47 @@ def test_bad_data_and_prior() -> None:
     nan_prior.prec["1.weight"][0, 0] = math.nan
     with pytest.raises(ValueError, match=r"'1\.weight' prec has non-finite"):
         train_local(model, nan_prior, torch.zeros(4, 64), torch.zeros(4, dtype=torch.long), LocalSettings())
+
+
+def test_warm_start_curvature_is_exact() -> None:
+    from fedbayes.local import initial_curvature
+
+    s_pi = {"w": torch.tensor([1.0, 5.0, 0.5, -2.0], dtype=torch.float64)}
+    start = {"w": torch.tensor([3.0, 2.0, 0.5, 1.0], dtype=torch.float64)}
+    ess = 4.0
+    (h,) = initial_curvature(s_pi, ess, 0.1, start, dtype=torch.float64)
+    # h₀ = (S − s_π)/ess exactly — no hess-init floor, negative where the prior is stiffer than the start
+    assert torch.equal(h, torch.tensor([0.5, -0.75, 0.0, 0.75], dtype=torch.float64))
+    assert bool((ess * (h + s_pi["w"] / ess) > 0).all())  # the start posterior ess·(h₀ + δ) = S > 0
+    (h1,) = initial_curvature(s_pi, ess, 0.1, None, dtype=torch.float64)  # no start precision: hess-init
+    assert torch.allclose(h1, torch.tensor([0.1, 0.1, 0.1, 0.6], dtype=torch.float64))  # + max(0, −s_π/ess)
+    with pytest.raises(ValueError, match="start precision of 'w' must be > 0"):
+        initial_curvature(s_pi, ess, 0.1, {"w": torch.tensor([1.0, 0.0, 1.0, 1.0])})
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_ivon_site_after_a_null_step_is_the_start_minus_the_prior(signed: bool) -> None:
+    """IVON warm-started at S under a prior s_π and barely moved (tiny lr, β2 → 1) sends the site S − s_π:
+    no made-up precision (the old hess-init floor added ess·0.1 to every coordinate), negative parts kept
+    only for signed sites (bayes-admm) and clamped at 0 otherwise (PVI), the clamp counted."""
+    x, y = _digits(64)
+    model = build_model("mlp", 64, 10, seed=0, hidden=(8,), activation="sigmoid")
+    named = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    prior = DiagGaussian({k: torch.zeros_like(v) for k, v in named.items()},
+                         {k: torch.rand(v.shape, generator=gen) * 4 + 1 for k, v in named.items()})
+    start = {k: torch.rand(v.shape, generator=gen) * 4 + 1 for k, v in named.items()}
+    settings = LocalSettings(mode="ivon", lr=1e-12, beta2=1 - 1e-12, epochs=1, batch_size=64, max_steps=1,
+                             temperature=0.01, hess_init=0.1, signed_site=signed)
+    res = train_local(model, prior, x, y, settings, start_mean={k: v.detach() for k, v in named.items()},
+                      start_prec=start)
+    assert res.site is not None
+    n_neg = 0
+    for k in named:
+        want = (start[k] - prior.prec[k]).double()
+        n_neg += int((want < 0).sum())
+        got = res.site.prec[k].double()
+        expect = want if signed else want.clamp_min(0.0)
+        assert torch.allclose(got, expect, rtol=1e-4, atol=1e-3), k
+    assert n_neg > 0
+    assert res.metrics["site_clamped"] == (0 if signed else n_neg)

@@ -33,7 +33,7 @@ def dominant_classes(parts: list[np.ndarray], y: np.ndarray, share: float = 0.05
 
 
 def test_registry_names() -> None:
-    assert set(PARTITIONERS) == {"iid", "dirichlet", "shards"}
+    assert set(PARTITIONERS) == {"iid", "dirichlet", "shards", "paper"}
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])

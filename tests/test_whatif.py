@@ -93,7 +93,9 @@ PVI_CFG = PVI.Config(prior_prec=DELTA, rho=1.0)
 @pytest.mark.parametrize("cls,removed", [(PVI, [2]), (PVI, [0, 3]), (FedLapCov, [1])])
 def test_site_removal_equals_retraining_without_client(conjugate: dict[str, Any], cls: type[Algorithm],
                                                        removed: list[int]) -> None:
-    cfg = cls.Config(prior_prec=DELTA, rho=1.0)  # type: ignore[call-arg]
+    # fedlap-cov's damping must stay <= 2/K (K = 5); on this conjugate model the Laplace site is the exact
+    # likelihood whatever the damping, so removal is exact for any rho
+    cfg = cls.Config(prior_prec=DELTA, rho=1.0 if cls is PVI else 0.4)  # type: ignore[call-arg]
     full = _federate(conjugate, cls, cfg, range(5))
     kept = [c for c in range(5) if c not in removed]
     without = _glob(_federate(conjugate, cls, cfg, kept))

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from fedbayes.algorithms.space import Dim
 from fedbayes.gaussian import DiagGaussian, Params
 
 __all__ = [
@@ -183,9 +184,15 @@ class Algorithm(ABC):
     summary: ClassVar[str]
     bayesian: ClassVar[bool] = False
     """Clients send sites; the global model is a posterior (BMA evaluation applies)."""
+    signed_sites: ClassVar[bool] = False
+    """Sites may have negative precisions; a reply is valid when the posterior it implies, sent prior + site,
+    has precision > 0 (checked by :func:`fedbayes.protocol.decode_reply` given the prior)."""
     Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam"}
     """Local settings this rule asks for (a user's explicit local settings override them)."""
+    search_space: ClassVar[dict[str, Dim]] = {}
+    """What ``fedbayes tune`` samples: flat kebab-case config keys -> ranges (:mod:`fedbayes.algorithms.space`);
+    empty: the rule cannot be tuned.  Each module declares its own (a subclass does not inherit a meaningful one)."""
 
     def __init__(
         self,
@@ -206,9 +213,18 @@ class Algorithm(ABC):
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):
             raise TypeError(f"{self.name}: config must be {self.Config.__name__}")
+        self.check_config(self.config, len(self.active))
         self.store = store if store is not None else MemoryStore()
         self.server: dict[str, Tensor] = {}
+        self._guards: dict[str, int] = {}
         self.init_state({k: v.detach().to(torch.float64).clone() for k, v in template.items()})
+
+    # -- checks that need the federation's size ----------------------------------------------------------
+    @classmethod
+    def check_config(cls, config: AlgorithmConfig, num_clients: int) -> None:
+        """Raise ``ValueError`` naming the key when ``config`` is invalid for a federation of ``num_clients``
+        (called by :func:`fedbayes.config.resolve`, so before any training, and by ``__init__``)."""
+        return None
 
     # -- the rule -------------------------------------------------------------------------------------
     @abstractmethod
@@ -247,6 +263,16 @@ class Algorithm(ABC):
 
     def floor(self, g: DiagGaussian) -> DiagGaussian:
         return g.clamp_prec(self.config.min_prec)
+
+    # -- guards: safeguards that are not part of a paper's equations are counted, per round -------------
+    def count_guard(self, name: str, coordinates: int) -> None:
+        """Record that guard ``name`` changed ``coordinates`` numbers this round (reported in metrics.jsonl)."""
+        self._guards[name] = self._guards.get(name, 0) + int(coordinates)
+
+    def pop_guard_counts(self) -> dict[str, int]:
+        """The guard counts since the last call (the engines call it once per round), then reset."""
+        out, self._guards = self._guards, {}
+        return out
 
     def client_site(self, client: int, prefix: str = "site") -> DiagGaussian:
         g = gaussian_from(prefix, self.store.get_all(client), self.names)

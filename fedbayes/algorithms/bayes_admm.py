@@ -13,15 +13,32 @@ h + δ = S̄/ess > 0).  The server rebuilds λₖ = πₖ + λ̃ₖ from the sit
     λ̄  ← (1 − α)·(1/K)Σₖ λₖ + α(λ₀ + Σₖ λ̂ₖ),       α = 1/(1 + ρK) by default
 
 over all K clients of the federation (absent ones keep their last λₖ and λ̂ₖ; never-seen ones count as
-λₖ = λ₀, λ̂ₖ = 0; excluded ones not at all).  The global precision is floored at ``min-prec`` (the paper
-has no positivity safeguard).  **Safe prior** (``safe-prior``, on by default; not in the paper): where the
-sent prior's precision S̄ − V̂ₖ/ρ falls below δ, that coordinate gets N(m̄, 1/δ) instead.  Noisy local
-precisions (IVON's h from ~100 steps, scaled by ess = Nₖ/(τρ)) drive the dual integrator V̂ₖ past S̄ in a few
-coordinates after tens of rounds; a negative prior precision makes the local problem unbounded below and
-IVON diverges (observed on fmnist-10-het with ρ = 1, γ = 0.01: 2 of 3 seeds at rounds 32–34).  The server
-rebuilds λₖ from the prior it actually sent, so the rule stays consistent.
+λₖ = λ₀, λ̂ₖ = 0; excluded ones not at all).
+
+The client starts IVON exactly at the global posterior every round (h₀ = (S̄ − s_π)/ess, no floor; ``hess-init``
+only in round 1, when the global is just λ₀), as the reference does.
+
+**Sites are signed**, as in the paper: s̃ₖ = ess·h is sent unclamped, so λₖ = πₖ + s̃ₖ is IVON's posterior
+precision ess·(h + δ) > 0 even where the noisy curvature estimate h is negative (clamping s̃ at 0 there, as PVI
+does, added positive noise to ~40 % of the coordinates each round on fmnist-10-het and biased the duals).  A
+reply is valid when the posterior it implies is proper (checked on arrival against the prior sent).
+
+**Safeguards** (each counted per round in ``metrics.jsonl`` as ``guard_<name>``: coordinates touched):
+
+* ``min-prec``: the global precision and each rebuilt λₖ are floored at ``min-prec`` (the paper has no
+  positivity safeguard; λ̄ is a convex combination of proper λₖ plus α(λ₀ + Σλ̂ₖ), which may not be).
+* ``safe-prior`` (``safe-prior``, on by default; not in the paper): where the sent prior's precision
+  S̄ − V̂ₖ/ρ falls below δ, that coordinate gets N(m̄, 1/δ) instead.  A strongly negative prior precision
+  makes the local problem unbounded below along that coordinate; with large IVON learning rates or a large
+  dual step γ the dual V̂ₖ can overtake S̄ and a client diverges (a diverging client is a failed client for
+  that round, it does not end the run).  The server rebuilds λₖ from the prior it actually sent, so the rule
+  stays consistent.  The paper presets (``fmnist-10-*-paper``) turn it off to run the reference algorithm.
 The reference code uses the opposite dual sign and adds the dual precision
 inside IVON's h-EMA; putting it into the prior is exact and immediate.  With α = ρ = γ = 1 this is undamped PVI.
+
+**ρ and K.**  With Nₖ ≈ N/K, the pull of the global relative to a client's data is ρτ/Nₖ ∝ ρK, and α = 1/(1+ρK):
+both depend on ρ only through ρK.  So ρ is given as ``rho-k`` = ρK (default 2), which transfers across
+federation sizes; an explicit ``rho`` (the paper's scale) overrides it.
 
 Hyperparameters (reference, FMNIST 10 clients heterogeneous): δ = S₀ = 1, ρ = 0.2, γ = 1e-3, τ = 1e-3,
 IVON lr 5e-5, h₀ 1e-3, β2 0.9998, 10 epochs, batch 32, cosine lr over rounds.
@@ -32,7 +49,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fedbayes.algorithms.base import (
     Algorithm,
@@ -42,6 +59,7 @@ from fedbayes.algorithms.base import (
     gaussian_from,
     gaussian_to,
 )
+from fedbayes.algorithms.space import Dim, LogUniform
 from fedbayes.gaussian import DiagGaussian, Params
 
 __all__ = ["BayesADMM", "BayesADMMConfig"]
@@ -49,24 +67,49 @@ __all__ = ["BayesADMM", "BayesADMMConfig"]
 
 class BayesADMMConfig(AlgorithmConfig):
     prior_prec: float = Field(1.0, gt=0.0, description="S₀ = δ: precision of λ₀ = N(0, δ⁻¹I)")
-    rho: float = Field(0.2, gt=0.0, description="ADMM penalty ρ (KL weight; ess = Nₖ/(τρ))")
+    rho: float | None = Field(None, gt=0.0, description="ADMM penalty ρ (KL weight; ess = Nₖ/(τρ)); default rho-k/K")
+    rho_k: float | None = Field(None, gt=0.0, description="ρ·K (default 2: ρ = 0.2 at K = 10, the reference); "
+                                "K-free: α = 1/(1 + ρK) and the prior's pull relative to Nₖ stay the same")
     damping: float = Field(1.0, gt=0.0, le=1.0, description="dual damping γ")
     server_step: float | None = Field(None, gt=0.0, le=1.0, description="α; default 1/(1 + ρK)")
     safe_prior: bool = Field(True, description="floor the sent prior's precision at δ (see the module docstring)")
+
+    @model_validator(mode="after")
+    def _one_rho(self) -> BayesADMMConfig:
+        if self.rho is not None and self.rho_k is not None:
+            raise ValueError("set either 'rho' or 'rho-k' (= K·rho), not both")
+        return self
+
+    def effective_rho(self, num_clients: int) -> float:
+        """ρ = ``rho`` if given, else ``rho-k``/K (default rho-k = 2)."""
+        if self.rho is not None:
+            return float(self.rho)
+        return (self.rho_k if self.rho_k is not None else 2.0) / num_clients
 
 
 class BayesADMM(Algorithm):
     name: ClassVar[str] = "bayes-admm"
     summary: ClassVar[str] = "IVON-ADMM: duals in natural parameters (Möllenhoff et al. 2025)"
+    search_space: ClassVar[dict[str, Dim]] = {
+        # around the reference's values (lr 5e-5, τ 1e-3, ρK 2, γ 1e-3, δ 1), each a decade or two either way
+        "lr": LogUniform(1e-5, 1e-3), "temperature": LogUniform(1e-4, 1e-2), "prior-prec": LogUniform(0.1, 10.0),
+        "rho-k": LogUniform(0.5, 10.0), "damping": LogUniform(1e-4, 1e-1),
+    }
     bayesian: ClassVar[bool] = True
+    signed_sites: ClassVar[bool] = True
     Config = BayesADMMConfig
     config: BayesADMMConfig
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "ivon"}
 
     @property
+    def rho(self) -> float:
+        """ρ for this federation (``rho``, or ``rho-k``/K with K the federation's size)."""
+        return self.config.effective_rho(len(self.active))
+
+    @property
     def alpha(self) -> float:
         a = self.config.server_step
-        return a if a is not None else 1.0 / (1.0 + self.config.rho * len(self.active))
+        return a if a is not None else 1.0 / (1.0 + self.rho * len(self.active))
 
     def init_state(self, init_mean: Params) -> None:
         self.server = {**gaussian_to("global", self.prior0(self.config.prior_prec))}
@@ -80,8 +123,8 @@ class BayesADMM(Algorithm):
     def global_mean(self) -> Params:
         return self.floor(self.global_posterior()).mean()
 
-    def _prior_for(self, client: int) -> DiagGaussian:
-        prior = self.global_posterior() - self.client_site(client, "dual").scale(1.0 / self.config.rho)
+    def _prior_for(self, client: int, count: bool = False) -> DiagGaussian:
+        prior = self.global_posterior() - self.client_site(client, "dual").scale(1.0 / self.rho)
         if not self.config.safe_prior:
             return prior
         # where S̄ − V̂ₖ/ρ < δ, send N(m̄, 1/δ) instead: a prior with (near-)negative precision makes the local
@@ -89,6 +132,8 @@ class BayesADMM(Algorithm):
         floor = self.config.prior_prec
         m_bar = self.global_mean()
         low = {k: prior.prec[k] < floor for k in self.names}
+        if count:
+            self.count_guard("safe-prior", sum(int(v.sum()) for v in low.values()))
         return DiagGaussian(
             {k: torch.where(low[k], floor * m_bar[k], prior.eta[k]) for k in self.names},
             {k: prior.prec[k].clamp_min(floor) for k in self.names},
@@ -96,23 +141,29 @@ class BayesADMM(Algorithm):
 
     def configure(self, client: int, server_round: int) -> ClientTask:
         glob = self.floor(self.global_posterior())
-        start = {k: self.server[f"start/{k}"] for k in self.names} if server_round <= 1 else glob.mean()
+        first = server_round <= 1
+        start = {k: self.server[f"start/{k}"] for k in self.names} if first else glob.mean()
+        # IVON restarts at the global posterior (m̄, S̄) every round, h₀ = (S̄ − s_π)/ess exactly; in round 1
+        # the global is only the prior (h₀ would be 0: σ² = 1/δ of sampling noise), so hess-init applies there.
         return ClientTask(
-            prior=self._prior_for(client),
+            prior=self._prior_for(client, count=True),
             start_mean=start,
-            start_prec=glob.prec,
-            overrides={"ess_scale": self.config.rho},
+            start_prec=None if first else glob.prec,
+            overrides={"ess_scale": self.rho, "signed_site": True},
         )
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
         self.check_updates(updates)  # FIX: validate all replies before touching state (base.check_updates)
-        rho, gamma = self.config.rho, self.config.damping
+        rho, gamma = self.rho, self.config.damping
         glob = self.global_posterior()
         lam0 = self.prior0(self.config.prior_prec)
         for u in updates:
             self.check_update(u, need_site=True)
             assert u.site is not None
             post = self._prior_for(u.client) + u.site.to(dtype=glob.dtype)  # λₖ = πₖ + λ̃ₖ
+            # > 0 by construction (IVON's ess·(h + δ)) and checked on arrival in float32; guard float64 round-off
+            self.count_guard("min-prec", sum(int((v < self.config.min_prec).sum()) for v in post.prec.values()))
+            post = self.floor(post)
             dual = self.client_site(u.client, "dual") + (post - glob).scale(gamma * rho)
             self.store.put_all(u.client, {**gaussian_to("dual", dual), **gaussian_to("post", post)})
         mean_post = self.flat_prior()
@@ -126,4 +177,5 @@ class BayesADMM(Algorithm):
                 dual_sum = dual_sum + dual_c
         a = self.alpha
         new = mean_post.scale(1 - a) + (lam0 + dual_sum).scale(a)
+        self.count_guard("min-prec", sum(int((v < self.config.min_prec).sum()) for v in new.prec.values()))
         self.server.update(gaussian_to("global", self.floor(new)))

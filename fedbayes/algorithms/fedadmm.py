@@ -29,6 +29,7 @@ from fedbayes.algorithms.base import (
     params_from,
     params_to,
 )
+from fedbayes.algorithms.space import Dim, LogUniform
 from fedbayes.gaussian import DiagGaussian, Params
 
 __all__ = ["FedADMM", "FedADMMConfig"]
@@ -42,6 +43,7 @@ class FedADMM(Algorithm):
     name: ClassVar[str] = "fedadmm"
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam", "lr": 1e-3}
     summary: ClassVar[str] = "consensus ADMM with per-client duals (Boyd et al. 2011; Gong et al. 2022)"
+    search_space: ClassVar[dict[str, Dim]] = {"lr": LogUniform(1e-4, 1e-2), "rho": LogUniform(1e-4, 1.0)}
     Config = FedADMMConfig
     config: FedADMMConfig
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from fedbayes.algorithms.base import Algorithm, ClientTask, ClientUpdate, params_from, params_to
+from fedbayes.algorithms.space import Dim, LogUniform
 from fedbayes.gaussian import Params
 
 __all__ = ["FedAvg", "weighted_mean"]
@@ -25,6 +26,7 @@ class FedAvg(Algorithm):
     name: ClassVar[str] = "fedavg"
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam", "lr": 1e-3}
     summary: ClassVar[str] = "weighted average of local models (McMahan et al. 2017)"
+    search_space: ClassVar[dict[str, Dim]] = {"lr": LogUniform(1e-4, 1e-2)}
 
     def init_state(self, init_mean: Params) -> None:
         self.server = params_to("mean", init_mean)

@@ -28,6 +28,7 @@ from fedbayes.algorithms.base import (
     params_from,
     params_to,
 )
+from fedbayes.algorithms.space import Dim, LogUniform
 from fedbayes.gaussian import DiagGaussian, Params
 
 __all__ = ["FedDyn", "FedDynConfig"]
@@ -42,6 +43,7 @@ class FedDyn(Algorithm):
     name: ClassVar[str] = "feddyn"
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam", "lr": 1e-3}
     summary: ClassVar[str] = "dynamic regularisation with server state h (Acar et al. 2021)"
+    search_space: ClassVar[dict[str, Dim]] = {"lr": LogUniform(1e-4, 1e-2), "alpha": LogUniform(1e-4, 1.0)}
     Config = FedDynConfig
     config: FedDynConfig
 

@@ -27,6 +27,7 @@ from fedbayes.algorithms.base import (
     params_from,
     params_to,
 )
+from fedbayes.algorithms.space import Dim, LogUniform
 from fedbayes.gaussian import DiagGaussian, Params
 
 __all__ = ["FedLap", "FedLapConfig"]
@@ -41,6 +42,9 @@ class FedLap(Algorithm):
     name: ClassVar[str] = "fedlap"
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam", "lr": 1e-3}
     summary: ClassVar[str] = "isotropic Laplace PVI = ADMM with prior δ (Swaroop et al. 2025)"
+    search_space: ClassVar[dict[str, Dim]] = {
+        "lr": LogUniform(1e-4, 1e-2), "prior-prec": LogUniform(1e-2, 1e2), "rho": LogUniform(1e-3, 1.0),
+    }
     Config = FedLapConfig
     config: FedLapConfig
 

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from fedbayes.algorithms.base import AlgorithmConfig, ClientTask
 from fedbayes.algorithms.fedavg import FedAvg
+from fedbayes.algorithms.space import Dim, LogUniform
 from fedbayes.gaussian import DiagGaussian
 
 __all__ = ["FedProx", "FedProxConfig"]
@@ -25,6 +26,7 @@ class FedProxConfig(AlgorithmConfig):
 class FedProx(FedAvg):
     name: ClassVar[str] = "fedprox"
     summary: ClassVar[str] = "FedAvg + proximal term (μ/2)‖θ − m_g‖² (Li et al. 2020)"
+    search_space: ClassVar[dict[str, Dim]] = {"lr": LogUniform(1e-4, 1e-2), "mu": LogUniform(1e-4, 1.0)}
     Config = FedProxConfig
     config: FedProxConfig
 

