@@ -191,3 +191,43 @@ def test_nan_reply_is_dropped_and_the_round_goes_on(name: str, tmp_path: Path, m
     assert (tmp_path / "nan" / "posterior.safetensors").read_bytes() == (
         tmp_path / "lost" / "posterior.safetensors").read_bytes()
     assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in lost]
+
+
+def test_a_diverging_client_is_a_failed_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Client 1 is given an absurd learning rate in round 1 so that its IVON training really produces non-finite
+    weights: it is recorded as failed with the reason, keeps its (zero) site and dual, and the run goes on
+    exactly as if its reply had been lost."""
+    cfg = config("bayes-admm", epochs=1)
+    real = engine.execute
+
+    def blow_up(model: Any, msg: Any, client_cfg: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+                **kw: Any) -> Any:
+        if client_cfg["round"] == 1 and client_cfg["partition-id"] == 1:
+            client_cfg = {**client_cfg, "lr": 1e30}  # steps overflow float32: the weights go inf, then NaN
+        return real(model, msg, client_cfg, x, y, **kw)
+
+    monkeypatch.setattr(engine, "execute", blow_up)
+    rows = run_experiment(cfg, out_dir=tmp_path / "div", progress=False)
+    assert rows[0]["failed"] == [1] and rows[0]["participants"] == [0, 2, 3]
+    assert "diverged" in rows[0]["failed_reasons"]["1"] and "not finite" in rows[0]["failed_reasons"]["1"]
+    assert rows[1]["failed"] == [] and rows[1]["failed_reasons"] == {}
+    monkeypatch.setattr(engine, "execute", real)
+    run_experiment(cfg, out_dir=tmp_path / "lost", progress=False, fail=lambda r, c: (r, c) == (1, 1))
+    assert (tmp_path / "div" / "posterior.safetensors").read_bytes() == (
+        tmp_path / "lost" / "posterior.safetensors").read_bytes()
+
+
+def test_a_round_in_which_every_client_diverges_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine.execute
+
+    def blow_up(model: Any, msg: Any, client_cfg: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+                **kw: Any) -> Any:
+        if client_cfg["round"] == 2:
+            client_cfg = {**client_cfg, "lr": 1e30}
+        return real(model, msg, client_cfg, x, y, **kw)
+
+    monkeypatch.setattr(engine, "execute", blow_up)
+    with pytest.raises(RuntimeError, match=r"round 2: every client that trained failed.*client 0: (diverged|invalid)"):
+        run_experiment(config("fedavg", epochs=1), out_dir=tmp_path / "all", progress=False)
+    rows = read_rows(tmp_path / "all")
+    assert [r["round"] for r in rows] == [1]  # round 1's results stay on disk
