@@ -37,6 +37,8 @@ from fedbayes.optim import SGD, Adam, FlatOptimizer
 __all__ = ["MODES", "LocalResult", "LocalSettings", "diag_ggn", "initial_curvature", "train_local"]
 
 MODES = ("ivon", "adam", "sgd", "lbfgs")
+IVON_BETA2 = 0.9999
+ADAM_BETA2 = 0.999
 LOSSES = ("ce", "gaussian")
 
 
@@ -54,7 +56,8 @@ class LocalSettings:
     antithetic: bool = False
     hess_init: float = 0.1
     beta1: float = 0.9
-    beta2: float = 0.9999
+    beta2: float | None = None
+    """None: per mode, IVON 0.9999 and Adam 0.999 (torch's default, what the baselines' papers use)."""
     clip_radius: float = math.inf
     laplace: bool = False
     momentum: float = 0.0
@@ -69,6 +72,8 @@ class LocalSettings:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.beta2 is None:
+            object.__setattr__(self, "beta2", ADAM_BETA2 if self.mode == "adam" else IVON_BETA2)
         problems = []
         if self.mode not in MODES:
             problems.append(f"mode must be one of {list(MODES)}, got {self.mode!r}")
@@ -82,7 +87,7 @@ class LocalSettings:
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("beta1", "beta2", "momentum"):
-            if not 0.0 <= getattr(self, name) < 1.0:
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.max_steps < 0 or self.grad_clip < 0 or not self.clip_radius > 0:
             problems.append("max_steps and grad_clip must be >= 0 and clip_radius > 0")
@@ -344,7 +349,7 @@ def train_local(
     if settings.mode == "ivon":
         noise_gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
         opt = IVON(params, lr=settings.lr, ess=ess, hess_init=settings.hess_init, beta1=settings.beta1,
-                   beta2=settings.beta2, weight_decay=0.0, mc_samples=settings.mc_samples,
+                   beta2=float(settings.beta2 or IVON_BETA2), weight_decay=0.0, mc_samples=settings.mc_samples,
                    clip_radius=settings.clip_radius, antithetic=settings.antithetic, generator=noise_gen)
         opt.set_prior([prior.eta[k] for k in named], [prior.prec[k] for k in named])
         h0 = initial_curvature({k: prior.prec[k] for k in named}, ess, settings.hess_init, start_prec,
@@ -399,7 +404,7 @@ def train_local(
         else:
             opt_p: FlatOptimizer
             if settings.mode == "adam":
-                opt_p = Adam(params, lr=settings.lr, betas=(settings.beta1, settings.beta2))
+                opt_p = Adam(params, lr=settings.lr, betas=(settings.beta1, float(settings.beta2 or ADAM_BETA2)))
             else:
                 opt_p = SGD(params, lr=settings.lr, momentum=settings.momentum)
             for idx in batches():

@@ -82,7 +82,7 @@ def settings_from_config(cfg: Mapping[str, Any], device: str | None = None) -> L
                 kw[name] = bool(v)
             elif isinstance(default, int):
                 kw[name] = int(v)
-            elif isinstance(default, float):
+            elif isinstance(default, float) or name == "beta2":
                 kw[name] = float(v)
             else:
                 kw[name] = str(v)
