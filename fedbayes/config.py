@@ -83,6 +83,18 @@ class RunConfig(BaseModel):
     """What each round is evaluated on; ``"validation"`` (needs ``validation-fraction`` > 0) writes ``val_*``
     metric keys (``val_nll``, ``bma_val_nll``) instead of ``test_*``, so the two can never be mixed up."""
     bma_samples: int = Field(16, ge=0)
+    """Posterior-averaged prediction (``bma_*`` metrics) of Bayesian rules: Monte-Carlo draws (0: none)."""
+    bma_predictive: Literal["sample", "linearized", "linearized-probit"] = "linearized-probit"
+    """How the posterior average is formed (:mod:`fedbayes.predictive`, which gives the validation evidence for the
+    default): ``"linearized-probit"`` the linearised (GLM) predictive with the probit approximation,
+    ``"linearized"`` the same with Monte Carlo over the Gaussian outputs (``bma-logit-samples`` draws),
+    ``"sample"`` averages ``bma-samples`` networks drawn from the posterior."""
+    bma_scale: float = Field(1.0, gt=0.0)
+    """Multiplies the posterior variance in the posterior average (1: the posterior as it is)."""
+    bma_logit_samples: int = Field(1024, ge=1)
+    """``linearized``: Monte-Carlo draws of the Gaussian logits (shared by all examples, antithetic; no network
+    evaluations: 1024 draws cost ~2 s per 10,000 examples on one CPU thread; 16 draws cost a wide fedlap-cov
+    posterior 7 points of accuracy)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lr_schedule: Literal["constant", "cosine"] = "constant"
     store: Literal["memory", "disk"] = "memory"

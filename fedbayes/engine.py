@@ -250,7 +250,8 @@ def evaluate_global(
     device: str = "cpu", prefix: str = "test_",
 ) -> dict[str, float]:
     """Metrics on (x, y) of the global mean (``{prefix}*``) and (Bayesian rules, ``bma-samples`` > 0) of the
-    posterior average (``bma_{prefix}*``); ``prefix`` is ``"test_"`` or ``"val_"`` (:meth:`Federation.eval_data`)."""
+    posterior average (``bma_{prefix}*``, formed as ``bma-predictive`` and ``bma-scale`` say:
+    :mod:`fedbayes.predictive`); ``prefix`` is ``"test_"`` or ``"val_"`` (:meth:`Federation.eval_data`)."""
     posterior = rule.global_posterior()
     if posterior is not None:
         posterior = rule.floor(posterior)
@@ -258,6 +259,7 @@ def evaluate_global(
         model, rule.global_mean(), x, y, task, posterior=posterior,
         samples=exp.run.bma_samples if posterior is not None else 0,
         noise_var=exp.run.noise_var or 1.0, seed=exp.run.seed * 7919 + server_round, device=device, prefix=prefix,
+        predictive=exp.run.bma_predictive, scale=exp.run.bma_scale, logit_samples=exp.run.bma_logit_samples,
     )
 
 

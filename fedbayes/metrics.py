@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fedbayes.gaussian import DiagGaussian
+from fedbayes.predictive import predictive_outputs
 
 __all__ = [
     "bma_outputs",
@@ -111,8 +112,16 @@ def evaluate_model(
     seed: int = 0,
     prefix: str = "test_",
     device: torch.device | str = "cpu",
+    predictive: str = "sample",
+    scale: float = 1.0,
+    logit_samples: int = 1024,
 ) -> dict[str, float]:
-    """Metrics of the mean prediction (``test_*``) and, if a posterior and samples > 0, of the BMA (``bma_test_*``)."""
+    """Metrics of the mean prediction (``test_*``) and, if a posterior and samples > 0, of the BMA (``bma_test_*``).
+
+    ``predictive`` is how the BMA is formed (:mod:`fedbayes.predictive`): ``"sample"`` averages ``samples``
+    networks θ ~ posterior, ``"linearized"`` / ``"linearized-probit"`` use the linearised (GLM) predictive
+    (``logit_samples`` Monte-Carlo draws of the Gaussian logits); ``scale`` multiplies the posterior variance (1:
+    the posterior as it is)."""
     params = {k: v.to(device=device, dtype=torch.float32) for k, v in mean.items()}
     x, y = x.to(device), y.to(device)
     out = predict(model, params, x).cpu()
@@ -123,12 +132,24 @@ def evaluate_model(
         res = regression_metrics(out.reshape(-1), torch.full_like(out.reshape(-1), noise_var), y)
     metrics = {f"{prefix}{k}": v for k, v in res.items()}
     if posterior is not None and samples > 0:
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"evaluate_model: the posterior-variance scale must be > 0, got {scale!r}")
         gen = torch.Generator().manual_seed(seed)
-        outs = [o.cpu() for o in bma_outputs(model, posterior, x, samples, task, gen, device)]
-        stacked = torch.stack(outs)
-        if task == "classification":
-            bres = classification_metrics(stacked.mean(0), y)
+        if predictive == "sample":
+            post = posterior if scale == 1.0 else posterior.scale(1.0 / scale)  # same mean, variance × scale
+            outs = [o.cpu() for o in bma_outputs(model, post, x, samples, task, gen, device)]
+            stacked = torch.stack(outs)
+            if task == "classification":
+                bres = classification_metrics(stacked.mean(0), y)
+            else:
+                bres = regression_metrics(stacked.mean(0), stacked.var(0, unbiased=False) + noise_var, y)
         else:
-            bres = regression_metrics(stacked.mean(0), stacked.var(0, unbiased=False) + noise_var, y)
+            out_p, f_var = predictive_outputs(model, posterior, x, task, predictive=predictive,
+                                              samples=logit_samples, scale=scale, generator=gen, device=device)
+            if task == "classification":
+                bres = classification_metrics(out_p, y)
+            else:
+                assert f_var is not None
+                bres = regression_metrics(out_p, f_var + noise_var, y)
         metrics.update({f"bma_{prefix}{k}": v for k, v in bres.items()})
     return metrics

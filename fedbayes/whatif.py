@@ -609,7 +609,8 @@ def evaluate_posterior(
     return evaluate_model(
         fed.model, post.mean(), fed.x_test, fed.y_test, fed.data.task, posterior=post,
         samples=exp.run.bma_samples, noise_var=exp.run.noise_var or 1.0, seed=exp.run.seed * 7919 + server_round,
-        device=fed.device,
+        device=fed.device, predictive=exp.run.bma_predictive, scale=exp.run.bma_scale,
+        logit_samples=exp.run.bma_logit_samples,
     )
 
 

@@ -1,7 +1,8 @@
 """The fedbayes Flower ServerApp: the run config -> an experiment -> :class:`server.strategy.FedBayesStrategy`.
 
 ``context.run_config`` (``[tool.flwr.app.config]`` in pyproject.toml, overridden by ``flwr run -c``) is split
-into fedbayes' flat config and the Flower-only keys by :func:`server.runconfig.split_run_config` and validated
+into fedbayes' flat config and the Flower-only keys by :func:`server.runconfig.split_run_config` (unset keys take
+the ``preset``'s values, by default the dataset's preset, as ``fedbayes run`` does) and validated
 by :func:`fedbayes.config.resolve` before anything else happens: a bad key stops the run with an error naming
 it, and the results folder of an earlier run is not touched.  The folder is written only once the nodes are
 bound, with the in-process engine's layout (config.json, metrics.jsonl, posterior.safetensors, checkpoint/).
@@ -58,8 +59,8 @@ def main(grid: Grid, context: Context) -> None:
                  out)
     else:
         out = opts.out_dir.resolve()
-        log.info("fedbayes: %s on %s, %d clients, %d rounds -> %s", exp.run.algorithm, exp.run.dataset,
-                 exp.run.num_clients, exp.run.rounds, out)
+        log.info("fedbayes: %s on %s, %d clients, %d rounds, preset %s -> %s", exp.run.algorithm, exp.run.dataset,
+                 exp.run.num_clients, exp.run.rounds, opts.preset or "none", out)
     fed = Federation.build(exp, out if exp.run.store == "disk" else None, opts.data_dir)
     if resume is not None:
         try:

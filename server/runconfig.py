@@ -8,16 +8,24 @@ lists every key, laid out as:
   (``algorithm``, ``dataset``, ``num-clients``, ``rounds``, ``epochs`` …);
 * each algorithm's hyperparameters in its own table, ``<algorithm>.<key>`` (``bayes-admm.rho``,
   ``fedprox.mu``); only the chosen algorithm's table is used, but every table is checked;
-* a few keys that only the Flower app reads (:data:`FLOWER_KEYS`: ``out-dir``, ``data-dir``, ``node-wait-s``,
-  ``resume-from``); they never reach :func:`fedbayes.config.resolve`.  (The round deadline is the run key
-  ``round-timeout``.)
+* a few keys that only the Flower app reads (:data:`FLOWER_KEYS`: ``preset``, ``out-dir``, ``data-dir``,
+  ``node-wait-s``, ``resume-from``); they never reach :func:`fedbayes.config.resolve`.  (The round deadline is
+  the run key ``round-timeout``.)
 
-The empty string means "unset" (TOML has no null): the algorithm's default, then fedbayes' default.
+The empty string means "unset" (TOML has no null).  ``preset`` says what an unset key takes, exactly as
+``fedbayes run`` does without ``--preset`` (:func:`simulations.presets.apply_preset`): ``"auto"`` (the default)
+the run's dataset's default preset (``digits`` -> ``digits-10-het``; a dataset without one: none), a preset name
+that preset, ``""`` none; the preset's value for the chosen algorithm, then the algorithm's default, then
+fedbayes' default.  Every key that is set wins over the preset.  So pyproject.toml leaves almost every key unset
+(:func:`pyproject_run_config`): only ``algorithm``, ``num-clients`` and ``rounds`` (sized for the three-SuperNode
+demo) and the Flower-only keys have values there, and a bare ``flwr run`` trains with the digits preset's
+settings.  Both sides apply it: the ServerApp and each ClientApp (which rebuilds its data and model from the run
+config) resolve the run config with :func:`split_run_config`.
 ``hidden`` and ``exclude-clients`` are comma-separated strings (``"200,100"``).  Every problem raises
 :class:`fedbayes.config.ConfigError` naming the key.  This module imports neither flwr nor torch at import time.
 
 When fedbayes gains a config key, regenerate the section with ``python -m server.runconfig`` (a test compares
-pyproject.toml with :func:`app_run_config`).
+pyproject.toml with :func:`pyproject_run_config`).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ __all__ = [
     "app_run_config",
     "experiment_from_run_config",
     "overrides_toml",
+    "pyproject_run_config",
     "run_config_overrides",
     "split_run_config",
 ]
@@ -46,7 +55,11 @@ __all__ = [
 UNSET = ""
 """Run-config value meaning "not set" (the default applies)."""
 
+PRESET_AUTO = "auto"
+"""``preset`` value: the run's dataset's default preset (:data:`simulations.presets.DATASET_PRESETS`)."""
+
 FLOWER_KEYS: dict[str, Any] = {
+    "preset": PRESET_AUTO,
     "out-dir": "runs/flower",
     "data-dir": UNSET,
     "node-wait-s": 60.0,
@@ -70,12 +83,16 @@ class FlowerOptions:
     resume_from
         A results folder whose ``checkpoint/`` the run continues (None: a fresh run in ``out_dir``).  The
         resumed run writes into that folder; ``out_dir`` is then not used.
+    preset
+        The run config's ``preset`` (``"auto"``, a name, or None for ``""``); after :func:`split_run_config`,
+        the preset the run was resolved with (None: none).
     """
 
     out_dir: Path
     data_dir: Path | None
     node_wait_s: float
     resume_from: Path | None = None
+    preset: str | None = None
 
 
 def _config_error(msg: str) -> Exception:
@@ -107,11 +124,15 @@ def _options(cfg: Mapping[str, Any]) -> FlowerOptions:
     resume = vals["resume-from"]
     if not isinstance(resume, str):
         raise _config_error(f"run config 'resume-from' must be a results folder path ('' = fresh run), got {resume!r}")
+    preset = vals["preset"]
+    if not isinstance(preset, str):
+        raise _config_error(f"run config 'preset' must be \"auto\", a preset name or \"\" (none), got {preset!r}")
     return FlowerOptions(
         out_dir=Path(out).expanduser(),
         data_dir=Path(data).expanduser() if data.strip() else None,
         node_wait_s=_number("node-wait-s", vals["node-wait-s"], minimum=0.0),
         resume_from=Path(resume).expanduser() if resume.strip() else None,
+        preset=preset.strip() or None,
     )
 
 
@@ -126,17 +147,21 @@ def split_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], Flo
     Returns
     -------
     tuple
-        The flat config for :func:`fedbayes.config.resolve` (unset keys dropped, the chosen algorithm's table
-        un-prefixed) and the :class:`FlowerOptions`.
+        The flat config for :func:`fedbayes.config.resolve` (the set keys, the chosen algorithm's table
+        un-prefixed, over the ``preset``'s config for that algorithm; unset keys the preset lacks are dropped)
+        and the :class:`FlowerOptions` (``preset``: the preset used).
 
     Raises
     ------
     ConfigError
-        A key that is neither a run key, a Flower-only key nor ``<algorithm>.<hyperparameter>``, or a bad value;
-        the message names the key.
+        A key that is neither a run key, a Flower-only key nor ``<algorithm>.<hyperparameter>``, a bad value, or
+        an unknown preset; the message names the key.
     """
+    from dataclasses import replace
+
     from fedbayes.algorithms import REGISTRY
-    from fedbayes.config import RunConfig
+    from fedbayes.config import ConfigError, RunConfig
+    from simulations.presets import apply_preset
 
     run_keys = {n.replace("_", "-") for n in RunConfig.model_fields}
     flat: dict[str, Any] = {}
@@ -170,7 +195,12 @@ def split_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], Flo
     algorithm = flat.get("algorithm", RunConfig.model_fields["algorithm"].default)
     flat.update(tables.get(str(algorithm), {}))
     flat = {k: v for k, v in flat.items() if not (isinstance(v, str) and v == UNSET)}
-    return flat, _options(run_config)
+    opts = _options(run_config)
+    try:
+        flat, used = apply_preset(flat, opts.preset)
+    except ConfigError as e:
+        raise _config_error(f"run config 'preset': {e}") from None
+    return flat, replace(opts, preset=used)
 
 
 def experiment_from_run_config(run_config: Mapping[str, Any]) -> tuple[Experiment, FlowerOptions]:
@@ -195,7 +225,8 @@ def run_config_overrides(flat: Mapping[str, Any], options: Mapping[str, Any] | N
     """The ``flwr run -c`` overrides (every key, namespaced) that reproduce a fedbayes flat config.
 
     ``flat`` is validated with :func:`fedbayes.config.resolve` first (``ConfigError`` naming a bad key);
-    ``options`` are Flower-only keys (e.g. ``{"out-dir": "/abs/path"}``).
+    ``options`` are Flower-only keys (e.g. ``{"out-dir": "/abs/path"}``).  ``preset`` is ``""``: every key is
+    given, and the unset local keys must stay the algorithm's defaults, as in the flat config.
     """
     from fedbayes.config import resolve
 
@@ -204,6 +235,7 @@ def run_config_overrides(flat: Mapping[str, Any], options: Mapping[str, Any] | N
     algo = exp.run.algorithm
     for k, v in exp.algo.model_dump(by_alias=True, mode="json").items():
         out[f"{algo}.{k}"] = _toml_value(v)
+    out["preset"] = UNSET
     for k, v in (options or {}).items():
         if k not in FLOWER_KEYS:
             raise _config_error(f"unknown Flower-only key '{k}'; valid: {sorted(FLOWER_KEYS)}")
@@ -244,10 +276,29 @@ def overrides_toml(overrides: Mapping[str, Any]) -> str:
 DEMO_DEFAULTS: dict[str, Any] = {"num-clients": 3, "rounds": 5}
 """Where the app's pyproject defaults differ from fedbayes': sized for the three-SuperNode compose demo."""
 
+PYPROJECT_SET = ("algorithm", *DEMO_DEFAULTS)
+"""The only fedbayes keys with a value in pyproject.toml (besides the Flower-only ones); the rest are unset."""
+
+
+def pyproject_run_config() -> dict[str, Any]:
+    """What pyproject's ``[tool.flwr.app.config]`` holds: every key of :func:`app_run_config`, unset (``""``: the
+    preset's value, else the default) except ``preset`` (``"auto"``), ``algorithm`` (fedbayes' default),
+    :data:`DEMO_DEFAULTS` and the Flower-only keys.  A key with a value there would win over the preset."""
+    full = app_run_config()
+    out: dict[str, Any] = {"preset": FLOWER_KEYS["preset"]}
+    for k, v in full.items():
+        if k in FLOWER_KEYS or k == "algorithm":
+            out[k] = v
+        elif k in DEMO_DEFAULTS:
+            out[k] = DEMO_DEFAULTS[k]
+        else:
+            out[k] = UNSET
+    return out
+
 
 def pyproject_section() -> str:
     """The ``[tool.flwr.app.config]`` section of pyproject.toml, generated from fedbayes' config models."""
-    cfg = {**app_run_config(), **DEMO_DEFAULTS}
+    cfg = pyproject_run_config()
     top = {k: v for k, v in cfg.items() if "." not in k}
     lines = ["[tool.flwr.app.config]", *(f"{k} = {_toml_literal(v)}" for k, v in top.items())]
     tables: dict[str, list[str]] = {}

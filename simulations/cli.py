@@ -1,4 +1,4 @@
-"""The ``fedbayes`` command line: run, compare, tune, tune-apply, algorithms, data fetch, bench.
+"""The ``fedbayes`` command line: run, compare, evaluate, tune, tune-apply, algorithms, data fetch, bench.
 
 Every configuration problem (unknown algorithm, dataset, model, preset or key; a ``--set`` of the wrong type
 or out of range) is reported with what is valid, before any training starts, with exit status 2.
@@ -16,26 +16,41 @@ from typing import Any
 __all__ = ["main"]
 
 
-def _flat_from_args(args: argparse.Namespace) -> dict[str, Any]:
+def _flat_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    """The run's flat config and a line saying which preset it starts from (None: ``--config`` alone).
+
+    Without ``--config``: the preset (``--preset``, else the dataset's default preset, ``--preset none``: none),
+    then the explicit options and ``--set`` on top.  ``--config FILE`` is a resolved run: no default preset
+    (an explicit ``--preset`` still goes on top of the file, as before), then the options.
+    """
     from fedbayes.config import load_config_file, parse_sets
-    from simulations.presets import load_preset
+    from simulations.presets import AUTO, apply_preset
 
     flat: dict[str, Any] = {}
     if args.config:
         flat.update(load_config_file(args.config))
-    algorithm = args.algorithm or flat.get("algorithm")
-    if args.preset:
-        preset = load_preset(args.preset)
-        if algorithm is None:
-            algorithm = "bayes-admm"
-        flat.update(preset.config_for(algorithm))
-    for key, val in (("algorithm", algorithm), ("dataset", args.dataset), ("model", args.model),
+    explicit: dict[str, Any] = {}
+    for key, val in (("algorithm", args.algorithm), ("dataset", args.dataset), ("model", args.model),
                      ("num-clients", args.clients), ("partition", args.partition), ("rounds", args.rounds),
                      ("seed", args.seed), ("device", args.device)):
         if val is not None:
-            flat[key] = val
-    flat.update(parse_sets(args.set))
-    return flat
+            explicit[key] = val
+    explicit.update(parse_sets(args.set))
+    if args.config and not args.preset:
+        return {**flat, **explicit}, None
+    if "algorithm" in flat and "algorithm" not in explicit:
+        explicit = {"algorithm": flat["algorithm"], **explicit}
+    resolved, used = apply_preset(explicit, args.preset or AUTO)
+    if used is not None:
+        how = "" if args.preset else (f" (the default for dataset {resolved.get('dataset')}; options and --set "
+                                      "override it; --preset none: the code's defaults)")
+        line = f"[fedbayes] preset: {used}{how}"
+    elif args.preset:
+        line = "[fedbayes] preset: none (the code's defaults)"
+    else:
+        dataset = explicit.get("dataset", "digits")
+        line = f"[fedbayes] preset: none (dataset {dataset} has no default preset: the code's defaults)"
+    return {**flat, **resolved}, line
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -57,8 +72,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(rows[-1]))
         print(f"[fedbayes] resumed run in {args.resume}")
         return 0
-    flat = _flat_from_args(args)
+    flat, line = _flat_from_args(args)
     exp = resolve(flat)
+    if line:
+        print(line, flush=True)
     out = Path(args.out or f"runs/{exp.run.algorithm}-{exp.run.dataset}-s{exp.run.seed}")
     if args.engine == "flower":
         from simulations.flower_engine import run_flower_simulation
@@ -135,7 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run one experiment and write its results folder")
+    from simulations.presets import DATASET_PRESETS
+
+    r = sub.add_parser(
+        "run", help="run one experiment and write its results folder",
+        description="Run one experiment. Without --preset (and without --config) the run starts from its dataset's "
+                    f"default preset ({', '.join(f'{d}: {n}' for d, n in DATASET_PRESETS.items())}; other datasets: "
+                    "the code's defaults), then the options below and --set override it. The first line printed "
+                    "names the preset; config.json holds every resolved value.")
     r.add_argument("--algorithm")
     r.add_argument("--dataset")
     r.add_argument("--model")
@@ -143,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--partition")
     r.add_argument("--rounds", type=int)
     r.add_argument("--seed", type=int)
-    r.add_argument("--preset")
-    r.add_argument("--config", help="a config.json of an earlier run (reproduces it)")
+    r.add_argument("--preset", help="a preset name or TOML file to start from (default: the dataset's preset; "
+                                    "'none': the code's defaults)")
+    r.add_argument("--config", help="a config.json of an earlier run (reproduces it; no default preset)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"])
     r.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess")
@@ -184,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     from simulations.whatif_cli import add_subparsers as add_whatif
 
     add_whatif(sub)  # whatif, influence, forget, merge (answers from the stored sites, no retraining)
+
+    from simulations.evaluate import add_subparsers as add_evaluate
+
+    add_evaluate(sub)  # evaluate: a finished run's posterior with other prediction settings (no retraining)
 
     from simulations.tune import add_subparsers as add_tune
 

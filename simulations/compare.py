@@ -1,5 +1,6 @@
-"""``fedbayes compare``: run a preset's grid (algorithms × seeds, plus the centralized upper bound), then write
-``table.md``, ``table.csv`` and PNG plots of accuracy and NLL per round (mean ± std over seeds).
+"""``fedbayes compare``: run a preset's grid (algorithms × seeds, plus the pooled-data rows ``centralized``, Adam,
+and ``centralized-ivon``, IVON), then write ``table.md``, ``table.csv`` and PNG plots of accuracy and NLL per
+round (mean ± std over seeds).
 
 The table reports each metric averaged over the last 3 evaluated rounds (as the papers do), then mean and
 standard deviation over seeds.  Runs that already finished (their ``metrics.jsonl`` has the last round) are
@@ -21,7 +22,7 @@ import numpy as np
 
 from fedbayes.config import resolve
 from fedbayes.results import read_metrics
-from simulations.presets import Preset, centralized_config
+from simulations.presets import Preset, centralized_config, centralized_ivon_config
 
 __all__ = ["aggregate_runs", "plot_curves", "run_grid", "summarize", "write_tables"]
 
@@ -66,7 +67,9 @@ def run_grid(
     centralized: bool = True,
     progress: bool = True,
 ) -> dict[str, list[Path]]:
-    """Run every (algorithm, seed) and the centralized row; returns run folders by row name."""
+    """Run every (algorithm, seed) and the two pooled-data rows, ``centralized`` (FedAvg's local settings: Adam)
+    and ``centralized-ivon`` (IVON with the Bayesian rules' settings, with a posterior average;
+    :func:`simulations.presets.centralized_ivon_config`); returns run folders by row name."""
     todo: list[tuple[dict[str, Any], str, bool]] = []
     folders: dict[str, list[Path]] = {}
     rows: list[tuple[str, dict[str, Any]]] = []
@@ -76,6 +79,8 @@ def run_grid(
     if centralized:
         for s in seeds:
             rows.append(("centralized", centralized_config(preset, s, sets)))
+        for s in seeds:
+            rows.append(("centralized-ivon", centralized_ivon_config(preset, s, sets)))
     for name, cfg in rows:  # validate everything before any training
         exp = resolve(cfg)
         out = out_dir / name / f"seed-{exp.run.seed}"
@@ -142,7 +147,8 @@ def write_tables(table: list[dict[str, Any]], out_dir: Path, title: str = "") ->
         lines += [f"# {title}", ""]
     lines += ["Metrics averaged over the last 3 evaluated rounds; mean ± std over seeds (failed runs are counted"
               " in the last column and left out of the means).", ""]
-    heads = ["algorithm", "accuracy", "NLL", "ECE", "Brier", "BMA accuracy", "BMA NLL", "MB up", "wall s", "failed"]
+    heads = ["algorithm", "accuracy", "NLL", "ECE", "Brier", "BMA accuracy", "BMA NLL", "BMA ECE", "MB up", "wall s",
+             "failed"]
     lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
 
     def fmt(r: dict[str, Any], key: str, scale: float = 1.0, digits: int = 4) -> str:
@@ -154,7 +160,7 @@ def write_tables(table: list[dict[str, Any]], out_dir: Path, title: str = "") ->
         lines.append(
             "| " + " | ".join([
                 r["algorithm"], fmt(r, "test_accuracy"), fmt(r, "test_nll"), fmt(r, "test_ece"),
-                fmt(r, "test_brier"), fmt(r, "bma_test_accuracy"), fmt(r, "bma_test_nll"),
+                fmt(r, "test_brier"), fmt(r, "bma_test_accuracy"), fmt(r, "bma_test_nll"), fmt(r, "bma_test_ece"),
                 f"{r['mb_up_total']:.1f}", f"{r['wall_s_mean']:.0f}", str(r.get("failed_runs", 0)),
             ]) + " |"
         )

@@ -2,14 +2,22 @@
 
 A preset has a ``[base]`` table (run keys shared by every algorithm), one ``[algorithms.NAME]`` table per
 algorithm it compares (that algorithm's hyperparameters and local settings, named as in the paper that
-introduced it), and optionally ``[centralized]`` (overrides for the pooled-data upper bound).  Keys are the
+introduced it), and optionally ``[centralized]`` (overrides for the pooled-data upper bound).  A preset may
+start from another one with ``extends = "NAME"`` (its tables are copied, then this file's keys override them
+key by key): a harder split that must use a tuned preset's values *unchanged* says so this way; ``include =
+[...]`` restricts (and orders) the algorithms it compares.  Keys are the
 flat kebab-case keys of :mod:`fedbayes.config`; every table is validated when the preset is loaded, so a typo
 fails before any training starts.
+
+A run that names no preset starts from its dataset's default preset (:data:`DATASET_PRESETS`,
+:func:`apply_preset`), under the keys it sets itself: ``fedbayes run`` and Flower's run config
+(``preset = "auto"``, :mod:`server.runconfig`) resolve a run the same way.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +25,37 @@ from typing import Any
 from fedbayes.algorithms import REGISTRY
 from fedbayes.config import ConfigError, Experiment, RunConfig, resolve
 
-__all__ = ["PRESET_DIR", "Preset", "centralized_config", "load_preset", "preset_names"]
+__all__ = [
+    "ALTERNATIVE_KEYS",
+    "AUTO",
+    "DATASET_PRESETS",
+    "PRESET_DIR",
+    "Preset",
+    "apply_preset",
+    "centralized_config",
+    "centralized_ivon_config",
+    "load_preset",
+    "preset_names",
+]
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+DATASET_PRESETS: dict[str, str] = {
+    "digits": "digits-10-het",
+    "fmnist": "fmnist-10-het",
+    "mnist": "mnist-100-2class",
+    "adult": "adult-10-het",
+}
+"""Each dataset's default preset: what ``fedbayes run`` without ``--preset`` (and Flower's run config with
+``preset = "auto"``) starts from, so that a bare ``--algorithm A --dataset D`` run uses settings that learn.
+Datasets not listed (breast-cancer, the synthetic ones) keep the code's defaults."""
+
+AUTO = "auto"
+"""``preset`` value meaning "the run's dataset's default preset" (:data:`DATASET_PRESETS`)."""
+
+ALTERNATIVE_KEYS: tuple[tuple[str, ...], ...] = (("rho", "rho-k"),)
+"""Keys that set one quantity in two ways (ρ, or K·ρ) and may not both be given: when the user sets one of them,
+:func:`apply_preset` drops the preset's other one, so the user's value wins instead of clashing."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +75,9 @@ class Preset:
         return cfg
 
 
+_loading: set[str] = set()  # presets being loaded through 'extends' (cycle detection)
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
@@ -54,16 +93,41 @@ def load_preset(name_or_path: str) -> Preset:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"preset {p}: {e}") from None
-    allowed = {"description", "base", "algorithms", "centralized"}
+    allowed = {"description", "extends", "include", "base", "algorithms", "centralized"}
     bad = sorted(set(data) - allowed)
     if bad:
         raise ConfigError(f"preset {p.name}: unknown table(s) {bad}; valid: {sorted(allowed)}")
+    base: dict[str, Any] = {}
+    algorithms: dict[str, dict[str, Any]] = {}
+    centralized: dict[str, Any] = {}
+    if "extends" in data:  # start from another preset (e.g. its tuned values, unchanged), then override
+        parent_name = str(data["extends"])
+        if parent_name in _loading:
+            raise ConfigError(f"preset {p.name}: 'extends' cycle through '{parent_name}'")
+        _loading.add(parent_name)
+        try:
+            parent = load_preset(parent_name)
+        finally:
+            _loading.discard(parent_name)
+        base, centralized = dict(parent.base), dict(parent.centralized)
+        algorithms = {k: dict(v) for k, v in parent.algorithms.items()}
+    base.update(data.get("base", {}))
+    for k, v in data.get("algorithms", {}).items():
+        algorithms.setdefault(k, {}).update(v)
+    centralized.update(data.get("centralized", {}))
+    if "include" in data:  # compare only these algorithms (e.g. of an extended preset), in this order
+        include = [str(a) for a in data["include"]]
+        missing = [a for a in include if a not in algorithms]
+        if missing:
+            raise ConfigError(f"preset {p.name}: 'include' names {missing}, which have no [algorithms.*] table; "
+                              f"valid: {sorted(algorithms)}")
+        algorithms = {a: algorithms[a] for a in include}
     preset = Preset(
         name=p.stem,
         description=str(data.get("description", "")),
-        base=dict(data.get("base", {})),
-        algorithms={k: dict(v) for k, v in data.get("algorithms", {}).items()},
-        centralized=dict(data.get("centralized", {})),
+        base=base,
+        algorithms=algorithms,
+        centralized=centralized,
     )
     for algo in preset.algorithms:
         try:
@@ -71,7 +135,52 @@ def load_preset(name_or_path: str) -> Preset:
         except ConfigError as e:
             raise ConfigError(f"preset {p.name} [algorithms.{algo}]: {e}") from None
     resolve(centralized_config(preset, 0))
+    resolve(centralized_ivon_config(preset, 0))
     return preset
+
+
+def apply_preset(explicit: Mapping[str, Any], preset: str | None = AUTO) -> tuple[dict[str, Any], str | None]:
+    """A run's flat config: ``preset``'s config for the run's algorithm, with the explicit keys on top.
+
+    Parameters
+    ----------
+    explicit
+        The keys the user gave (command-line options, ``--set``, Flower's non-empty run-config keys); they win.
+    preset
+        ``"auto"``: the default preset of the run's dataset (``explicit["dataset"]``, else fedbayes' default
+        dataset) from :data:`DATASET_PRESETS`, none if it has no default; a preset name or TOML path; ``None``,
+        ``""`` or ``"none"``: no preset (the code's defaults).
+
+    Returns
+    -------
+    tuple
+        The flat kebab-case config (preset ← explicit; the algorithm is ``explicit["algorithm"]``, else fedbayes'
+        default; an explicit key of :data:`ALTERNATIVE_KEYS` replaces the preset's alternative, e.g. ``rho``
+        its ``rho-k``) and the name of the preset used (None: none).
+
+    Raises
+    ------
+    ConfigError
+        An unknown preset or algorithm.
+    """
+    flat = {str(k).replace("_", "-"): v for k, v in explicit.items()}
+    name = (preset or "").strip()
+    if name.lower() in ("", "none"):
+        return flat, None
+    if name == AUTO:
+        dataset = str(flat.get("dataset", RunConfig.model_fields["dataset"].default))
+        auto = DATASET_PRESETS.get(dataset)
+        if auto is None:
+            return flat, None
+        name = auto
+    p = load_preset(name)
+    algorithm = str(flat.get("algorithm", RunConfig.model_fields["algorithm"].default))
+    cfg = p.config_for(algorithm)
+    for keys in ALTERNATIVE_KEYS:
+        if any(k in flat for k in keys):
+            for k in keys:
+                cfg.pop(k, None)
+    return {**cfg, **flat}, p.name
 
 
 def centralized_config(preset: Preset, seed: int, sets: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -84,6 +193,35 @@ def centralized_config(preset: Preset, seed: int, sets: dict[str, Any] | None = 
     cfg.pop("exclude-clients", None)
     cfg.update({"algorithm": "fedavg", "num-clients": 1, "pool-clients": clients, "clients-per-round": 1.0})
     cfg.update(preset.centralized)
+    cfg["seed"] = seed
+    return cfg
+
+
+IVON_TABLES = ("bayes-admm", "pvi")
+"""Where :func:`centralized_ivon_config` takes its IVON settings from: the first of these tables the preset has."""
+
+
+def centralized_ivon_config(preset: Preset, seed: int, sets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The pooled-data IVON row (``centralized-ivon``): the same pooled client as :func:`centralized_config`,
+    trained by IVON with the local settings (and prior precision δ) of the preset's ``bayes-admm`` table (the
+    tuned IVON settings), else its ``pvi`` table, as one-client PVI with ρ = 1.  With K = 1 the cavity is always
+    the prior λ₀, so round r continues IVON from the previous round's posterior (warm start at its mean and
+    precision) under λ₀: IVON on the pooled data for rounds × epochs, with the same lr schedule — a fair upper
+    bound for the Bayesian rules, with a posterior, hence a posterior-averaged prediction too (``centralized``'s
+    Adam is a point estimate whose NLL overfits).  From that table and from ``sets`` only run keys and δ
+    (``prior-prec``) are kept: the rule-specific keys (ρ, damping, …) are dropped; the preset's
+    ``[centralized]`` table is the Adam row's."""
+    table: dict[str, Any] = {}
+    for name in IVON_TABLES:
+        if name in preset.algorithms:
+            table = preset.algorithms[name]
+            break
+    keep = {k.replace("_", "-") for k in RunConfig.model_fields} | {"prior-prec"}
+    cfg = {**preset.base, **{k: v for k, v in {**table, **(sets or {})}.items() if k.replace("_", "-") in keep}}
+    clients = int(cfg.get("num-clients", RunConfig.model_fields["num_clients"].default))
+    cfg.pop("exclude-clients", None)
+    cfg.update({"algorithm": "pvi", "rho": 1.0, "mode": "ivon", "num-clients": 1, "pool-clients": clients,
+                "clients-per-round": 1.0})
     cfg["seed"] = seed
     return cfg
 

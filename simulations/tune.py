@@ -509,6 +509,9 @@ def write_best(study: optuna.Study, spec: TuneSpec) -> dict[str, Any] | None:
     best = study.best_trial
     counts = _counts(study)
     table = {**spec.table, **best.params}
+    # values fixed by --set arrive as strings ("1.0"): write them with the types the config gives them
+    typed = resolve({**spec.base, **table, "algorithm": spec.algorithm}).to_flat()
+    table = {k: typed.get(k.replace("_", "-"), v) for k, v in table.items()}
     attrs = study.user_attrs
     split = attrs.get("validation-split", {})
     info = {

@@ -76,7 +76,7 @@ def test_compare_writes_table_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     assert main(["compare", "--preset", str(preset), "--seeds", "0,1", "--out", str(out), "--quiet"]) == 0
     rows = list(csv.DictReader(open(out / "table.csv")))
-    assert [r["algorithm"] for r in rows] == ["fedavg", "pvi", "centralized"]
+    assert [r["algorithm"] for r in rows] == ["fedavg", "pvi", "centralized", "centralized-ivon"]
     for r in rows:
         assert 0.0 <= float(r["test_accuracy_mean"]) <= 1.0 and float(r["test_accuracy_std"]) >= 0.0
         assert r["seeds"] == "2"
@@ -89,3 +89,24 @@ def test_compare_writes_table_and_plots(tmp_path: Path) -> None:
     m1 = [json.loads(x) for x in (out / "fedavg" / "seed-1" / "metrics.jsonl").read_text().splitlines()]
     expect = (sum(r["test_accuracy"] for r in m[-3:]) / 3 + sum(r["test_accuracy"] for r in m1[-3:]) / 3) / 2
     assert float(rows[0]["test_accuracy_mean"]) == pytest.approx(expect)
+
+
+def test_compare_has_a_centralized_ivon_row(tmp_path: Path) -> None:
+    """centralized-ivon: one-client PVI (rho = 1, IVON with the pvi table's settings) on the pooled data, with
+    its posterior average, in table.md/csv."""
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(
+        'description = "tiny"\n[base]\ndataset = "digits"\nnum-clients = 3\nrounds = 1\nhidden = "8"\n'
+        'epochs = 1\nbma-samples = 2\n[algorithms.fedavg]\nlr = 0.01\n'
+        '[algorithms.pvi]\nlr = 0.05\ntemperature = 0.1\nrho = 0.3\n'
+    )
+    out = tmp_path / "cmp"
+    assert main(["compare", "--preset", str(preset), "--algorithms", "fedavg", "--out", str(out), "--quiet"]) == 0
+    rows = {r["algorithm"]: r for r in csv.DictReader(open(out / "table.csv"))}
+    assert list(rows) == ["fedavg", "centralized", "centralized-ivon"]
+    assert rows["centralized-ivon"]["bma_test_nll_mean"] != "" and rows["centralized"]["bma_test_nll_mean"] == ""
+    assert "| centralized-ivon |" in (out / "table.md").read_text()
+    cfg = json.loads((out / "centralized-ivon" / "seed-0" / "config.json").read_text())
+    assert (cfg["algorithm"], cfg["rho"], cfg["mode"], cfg["num-clients"], cfg["pool-clients"]) == (
+        "pvi", 1.0, "ivon", 1, 3)
+    assert (cfg["lr"], cfg["temperature"]) == (0.05, 0.1)

@@ -28,8 +28,10 @@ from fedbayes.results import read_metrics, read_posterior
 from server.app import main as server_main
 from server.runconfig import (
     DEMO_DEFAULTS,
+    FLOWER_KEYS,
     app_run_config,
     overrides_toml,
+    pyproject_run_config,
     pyproject_section,
     run_config_overrides,
     split_run_config,
@@ -312,8 +314,13 @@ def test_import_client_app_is_light() -> None:
 # ------------------------------------------------------------------------------------------ run config
 def test_pyproject_run_config_lists_every_key() -> None:
     """Flower rejects `-c` keys absent from pyproject, so every run key, every algorithm's hyperparameter and the
-    Flower-only keys must be there, with fedbayes' defaults (num-clients and rounds sized for the demo)."""
-    want = {**app_run_config(), **DEMO_DEFAULTS}
+    Flower-only keys must be there; all unset ("": the preset's value) except preset = "auto", algorithm and
+    num-clients and rounds (sized for the demo)."""
+    want = pyproject_run_config()
+    assert set(want) == set(app_run_config())
+    assert {k: v for k, v in want.items() if v != ""} == {
+        "preset": "auto", "algorithm": "bayes-admm", **DEMO_DEFAULTS,
+        **{k: v for k, v in FLOWER_KEYS.items() if v != ""}}
     hint = "regenerate [tool.flwr.app.config] with `python -m server.runconfig`"
     assert set(PYPROJECT_CFG) == set(want), (hint, set(PYPROJECT_CFG) ^ set(want))
     assert {k for k in want if PYPROJECT_CFG[k] != want[k]} == set(), hint

@@ -73,6 +73,7 @@ class BayesADMMConfig(AlgorithmConfig):
     damping: float = Field(1.0, gt=0.0, le=1.0, description="dual damping γ")
     server_step: float | None = Field(None, gt=0.0, le=1.0, description="α; default 1/(1 + ρK)")
     safe_prior: bool = Field(True, description="floor the sent prior's precision at δ (see the module docstring)")
+    signed_sites: bool = Field(True, description="send s̃ = ess·h unclamped (the paper); false: clamp s̃ ≥ 0 as PVI")
 
     @model_validator(mode="after")
     def _one_rho(self) -> BayesADMMConfig:
@@ -96,7 +97,7 @@ class BayesADMM(Algorithm):
         "rho-k": LogUniform(0.5, 10.0), "damping": LogUniform(1e-4, 1e-1),
     }
     bayesian: ClassVar[bool] = True
-    signed_sites: ClassVar[bool] = True
+    signed_sites: ClassVar[bool] = True  # replies are checked as prior + site > 0 (also right for clamped sites)
     Config = BayesADMMConfig
     config: BayesADMMConfig
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "ivon"}
@@ -149,7 +150,7 @@ class BayesADMM(Algorithm):
             prior=self._prior_for(client, count=True),
             start_mean=start,
             start_prec=None if first else glob.prec,
-            overrides={"ess_scale": self.rho, "signed_site": True},
+            overrides={"ess_scale": self.rho, "signed_site": self.config.signed_sites},
         )
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:

@@ -9,6 +9,12 @@ and the server damps the sites (ρ = dual step):
 
     vₖ ← vₖ + ρ(mₖ − m_g)   for k ∈ S,        m_g ← Σ_{k=1..K} vₖ
 
+**ρ and K.**  m_g = Σₖ vₖ moves by ρ·Σₖ(mₖ − m_g) = Kρ times the clients' average displacement: Kρ is the server
+step (Kρ = 1 makes round 1 exactly FedAvg's average; Kρ ≪ 1 shrinks the global towards 0, Kρ > 2 overshoots).
+So ρ is given as ``rho-k`` = Kρ (default 1: the reference's ρ = 0.1 at K = 10), which transfers across K; an
+explicit ``rho`` (the paper's scale) overrides it.  (A search over ρ on a log scale without this wasted most
+trials at Kρ ≪ 1, where the model stays at chance.)
+
 Fixed point: the MAP estimate under N(0, δ⁻¹I).  Round 1 starts from the model's initial weights (m_g = 0
 would leave a sigmoid MLP symmetric); its prior is N(0, δ⁻¹I), as in the reference (vₖ = 0, w_g = 0).
 """
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fedbayes.algorithms.base import (
     Algorithm,
@@ -35,7 +41,14 @@ __all__ = ["FedLap", "FedLapConfig"]
 
 class FedLapConfig(AlgorithmConfig):
     prior_prec: float = Field(1.0, gt=0.0, description="δ: prior precision and penalty (summed-loss units)")
-    rho: float = Field(0.1, gt=0.0, le=1.0, description="dual step / site damping ρ")
+    rho: float | None = Field(None, gt=0.0, le=1.0, description="dual step / site damping ρ (default rho-k / K)")
+    rho_k: float | None = Field(None, gt=0.0, le=2.0, description="Kρ, the server step (default 1; K-free)")
+
+    @model_validator(mode="after")
+    def _one_rho(self) -> FedLapConfig:
+        if self.rho is not None and self.rho_k is not None:
+            raise ValueError("set either 'rho' or 'rho-k' (= K·rho), not both")
+        return self
 
 
 class FedLap(Algorithm):
@@ -43,10 +56,17 @@ class FedLap(Algorithm):
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam", "lr": 1e-3}
     summary: ClassVar[str] = "isotropic Laplace PVI = ADMM with prior δ (Swaroop et al. 2025)"
     search_space: ClassVar[dict[str, Dim]] = {
-        "lr": LogUniform(1e-4, 1e-2), "prior-prec": LogUniform(1e-2, 1e2), "rho": LogUniform(1e-3, 1.0),
+        "lr": LogUniform(1e-4, 1e-2), "prior-prec": LogUniform(1e-2, 1e2), "rho-k": LogUniform(0.1, 2.0),
     }
     Config = FedLapConfig
     config: FedLapConfig
+
+    @property
+    def rho(self) -> float:
+        """ρ = ``rho`` if given, else ``rho-k``/K (K the federation's size)."""
+        if self.config.rho is not None:
+            return float(self.config.rho)
+        return (self.config.rho_k if self.config.rho_k is not None else 1.0) / len(self.active)
 
     def init_state(self, init_mean: Params) -> None:
         self.server = {**params_to("mean", self.zeros()), **params_to("start", init_mean)}
@@ -66,7 +86,7 @@ class FedLap(Algorithm):
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
         self.check_updates(updates)  # FIX: validate all replies before touching state (base.check_updates)
-        rho = self.config.rho
+        rho = self.rho
         m_g = self.global_mean()
         for u in updates:
             v = params_from("dual", self.store.get_all(u.client), self.names) or self.zeros()

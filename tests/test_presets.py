@@ -1,0 +1,54 @@
+"""Presets: every shipped preset validates, `extends` copies a preset's tables and overrides them key by key,
+and the robustness preset uses fmnist-10-het's tuned values unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedbayes.config import ConfigError, resolve
+from simulations.presets import load_preset, preset_names
+
+
+def test_every_preset_resolves_for_every_algorithm_it_lists() -> None:
+    for name in preset_names():
+        preset = load_preset(name)
+        for algo in preset.algorithms:
+            resolve(preset.config_for(algo))
+
+
+def test_extends_copies_then_overrides(tmp_path: Path) -> None:
+    (tmp_path / "child.toml").write_text(
+        'extends = "digits-10-het"\n[base]\nnum-clients = 7\n[algorithms.fedprox]\nmu = 0.5\n')
+    parent, child = load_preset("digits-10-het"), load_preset(str(tmp_path / "child.toml"))
+    assert child.base == {**parent.base, "num-clients": 7}
+    assert child.algorithms["fedprox"] == {**parent.algorithms["fedprox"], "mu": 0.5}
+    assert {k: v for k, v in child.algorithms.items() if k != "fedprox"} == {
+        k: v for k, v in parent.algorithms.items() if k != "fedprox"}
+
+
+def test_extends_errors_name_the_problem(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text(f'extends = "{tmp_path / "b.toml"}"\n')
+    (tmp_path / "b.toml").write_text(f'extends = "{tmp_path / "a.toml"}"\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        load_preset(str(tmp_path / "a.toml"))
+    (tmp_path / "c.toml").write_text('extends = "no-such-preset"\n')
+    with pytest.raises(ConfigError, match="unknown preset 'no-such-preset'"):
+        load_preset(str(tmp_path / "c.toml"))
+
+
+def test_robustness_preset_keeps_the_tuned_values() -> None:
+    tuned, hard = load_preset("fmnist-10-het"), load_preset("fmnist-25-hard")
+    assert hard.algorithms == tuned.algorithms
+    assert hard.base["num-clients"] >= 25 and hard.base["class-alpha"] <= 0.1
+
+
+def test_include_restricts_and_orders_the_algorithms(tmp_path: Path) -> None:
+    (tmp_path / "sub.toml").write_text('extends = "digits-10-het"\ninclude = ["bayes-admm", "fedavg"]\n')
+    sub = load_preset(str(tmp_path / "sub.toml"))
+    assert list(sub.algorithms) == ["bayes-admm", "fedavg"]
+    assert sub.algorithms["fedavg"] == load_preset("digits-10-het").algorithms["fedavg"]
+    (tmp_path / "bad.toml").write_text('extends = "digits-10-het"\ninclude = ["fedavg", "nope"]\n')
+    with pytest.raises(ConfigError, match=r"'include' names \['nope'\]"):
+        load_preset(str(tmp_path / "bad.toml"))
