@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from fedbayes.algorithms.space import Dim
@@ -40,6 +40,7 @@ __all__ = [
     "ClientTask",
     "ClientUpdate",
     "DiskStore",
+    "KScaledRho",
     "MemoryStore",
     "gaussian_from",
     "gaussian_to",
@@ -57,6 +58,31 @@ class AlgorithmConfig(BaseModel):
 
     min_prec: float = 1e-8
     """Floor applied wherever a global precision is formed (it is inverted for the mean)."""
+
+
+class KScaledRho(AlgorithmConfig):
+    """ρ given either on the paper's scale (``rho``) or K-free as ``rho-k`` = Kρ (ρ = rho-k / K).
+
+    For the rules whose server moves by Kρ times the clients' average (FedLap, FedLap-Cov) or whose client
+    problem and server step depend on ρ only through ρK (Bayes-ADMM), ``rho-k`` transfers across federation
+    sizes; each rule's module says why.  Setting both is an error; with neither, ``default_rho_k`` applies.
+    """
+
+    default_rho_k: ClassVar[float] = 1.0
+    rho: float | None = Field(None, gt=0.0, description="ρ on the paper's scale (default: rho-k / K)")
+    rho_k: float | None = Field(None, gt=0.0, description="Kρ (K-free; ρ = rho-k / K)")
+
+    @model_validator(mode="after")
+    def _one_rho(self) -> KScaledRho:
+        if self.rho is not None and self.rho_k is not None:
+            raise ValueError("set either 'rho' or 'rho-k' (= K·rho), not both")
+        return self
+
+    def effective_rho(self, num_clients: int) -> float:
+        """ρ = ``rho`` if given, else ``rho-k``/K (``default_rho_k`` when neither is set)."""
+        if self.rho is not None:
+            return float(self.rho)
+        return (self.rho_k if self.rho_k is not None else self.default_rho_k) / num_clients
 
 
 @dataclass

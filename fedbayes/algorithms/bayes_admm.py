@@ -49,13 +49,13 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from fedbayes.algorithms.base import (
     Algorithm,
-    AlgorithmConfig,
     ClientTask,
     ClientUpdate,
+    KScaledRho,
     gaussian_from,
     gaussian_to,
 )
@@ -65,8 +65,9 @@ from fedbayes.gaussian import DiagGaussian, Params
 __all__ = ["BayesADMM", "BayesADMMConfig"]
 
 
-class BayesADMMConfig(AlgorithmConfig):
+class BayesADMMConfig(KScaledRho):
     prior_prec: float = Field(1.0, gt=0.0, description="S₀ = δ: precision of λ₀ = N(0, δ⁻¹I)")
+    default_rho_k: ClassVar[float] = 2.0
     rho: float | None = Field(None, gt=0.0, description="ADMM penalty ρ (KL weight; ess = Nₖ/(τρ)); default rho-k/K")
     rho_k: float | None = Field(None, gt=0.0, description="ρ·K (default 2: ρ = 0.2 at K = 10, the reference); "
                                 "K-free: α = 1/(1 + ρK) and the prior's pull relative to Nₖ stay the same")
@@ -74,18 +75,6 @@ class BayesADMMConfig(AlgorithmConfig):
     server_step: float | None = Field(None, gt=0.0, le=1.0, description="α; default 1/(1 + ρK)")
     safe_prior: bool = Field(True, description="floor the sent prior's precision at δ (see the module docstring)")
     signed_sites: bool = Field(True, description="send s̃ = ess·h unclamped (the paper); false: clamp s̃ ≥ 0 as PVI")
-
-    @model_validator(mode="after")
-    def _one_rho(self) -> BayesADMMConfig:
-        if self.rho is not None and self.rho_k is not None:
-            raise ValueError("set either 'rho' or 'rho-k' (= K·rho), not both")
-        return self
-
-    def effective_rho(self, num_clients: int) -> float:
-        """ρ = ``rho`` if given, else ``rho-k``/K (default rho-k = 2)."""
-        if self.rho is not None:
-            return float(self.rho)
-        return (self.rho_k if self.rho_k is not None else 2.0) / num_clients
 
 
 class BayesADMM(Algorithm):

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from fedbayes.algorithms.base import (
     Algorithm,
-    AlgorithmConfig,
     ClientTask,
     ClientUpdate,
+    KScaledRho,
     params_from,
     params_to,
 )
@@ -39,16 +39,10 @@ from fedbayes.gaussian import DiagGaussian, Params
 __all__ = ["FedLap", "FedLapConfig"]
 
 
-class FedLapConfig(AlgorithmConfig):
+class FedLapConfig(KScaledRho):
     prior_prec: float = Field(1.0, gt=0.0, description="δ: prior precision and penalty (summed-loss units)")
     rho: float | None = Field(None, gt=0.0, le=1.0, description="dual step / site damping ρ (default rho-k / K)")
     rho_k: float | None = Field(None, gt=0.0, le=2.0, description="Kρ, the server step (default 1; K-free)")
-
-    @model_validator(mode="after")
-    def _one_rho(self) -> FedLapConfig:
-        if self.rho is not None and self.rho_k is not None:
-            raise ValueError("set either 'rho' or 'rho-k' (= K·rho), not both")
-        return self
 
 
 class FedLap(Algorithm):
@@ -64,9 +58,7 @@ class FedLap(Algorithm):
     @property
     def rho(self) -> float:
         """ρ = ``rho`` if given, else ``rho-k``/K (K the federation's size)."""
-        if self.config.rho is not None:
-            return float(self.config.rho)
-        return (self.config.rho_k if self.config.rho_k is not None else 1.0) / len(self.active)
+        return self.config.effective_rho(len(self.active))
 
     def init_state(self, init_mean: Params) -> None:
         self.server = {**params_to("mean", self.zeros()), **params_to("start", init_mean)}

@@ -26,24 +26,18 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from fedbayes.algorithms.base import AlgorithmConfig
+from fedbayes.algorithms.base import AlgorithmConfig, KScaledRho
 from fedbayes.algorithms.sites import SiteConfig, SiteRule
 from fedbayes.algorithms.space import Dim, LogUniform
 
 __all__ = ["FedLapCov", "FedLapCovConfig"]
 
 
-class FedLapCovConfig(SiteConfig):
+class FedLapCovConfig(SiteConfig, KScaledRho):
     rho: float | None = Field(None, gt=0.0, le=1.0, description="site damping ρ ≤ 2/K (default: rho-k / K)")
     rho_k: float | None = Field(None, gt=0.0, le=2.0, description="Kρ, the server step (default 1; K-free)")
-
-    @model_validator(mode="after")
-    def _one_rho(self) -> FedLapCovConfig:
-        if self.rho is not None and self.rho_k is not None:
-            raise ValueError("set either 'rho' or 'rho-k' (= K·rho), not both")
-        return self
 
 
 class FedLapCov(SiteRule):
@@ -59,18 +53,11 @@ class FedLapCov(SiteRule):
     @classmethod
     def check_config(cls, config: AlgorithmConfig, num_clients: int) -> None:
         assert isinstance(config, FedLapCovConfig)
-        rho = effective_rho(config, num_clients)
+        rho = config.effective_rho(num_clients)
         if rho > 2.0 / num_clients:
             raise ValueError(f"fedlap-cov: rho={rho:g} > 2/K = {2.0 / num_clients:g} for K={num_clients} clients "
                              "diverges (the server step is K·rho); use rho <= 1/K or set rho-k in (0, 2]")
 
     @property
     def rho(self) -> float:
-        return effective_rho(self.config, len(self.active))
-
-
-def effective_rho(config: FedLapCovConfig, num_clients: int) -> float:
-    """ρ = ``rho`` if given, else ``rho-k``/K (default rho-k = 1: ρ = 1/K)."""
-    if config.rho is not None:
-        return float(config.rho)
-    return (config.rho_k if config.rho_k is not None else 1.0) / num_clients
+        return self.config.effective_rho(len(self.active))
