@@ -429,7 +429,10 @@ def test_deployment_garbage_node_then_resume(tmp_path: Path) -> None:
     diff = posterior_diff(out, tmp_path / "engine")
     print(f"max |posterior deployment (garbage, resumed) - engine (client 1 never replies)| = {diff:.3g}")
     assert diff == 0.0
-    assert untimed(rows, "bytes_up") == untimed(read_metrics(tmp_path / "engine"), "bytes_up")
+    # the deployment's garbage replies carry their reason; the engine's lost replies (never arrived) carry none
+    assert all(set(r["failed_reasons"]) == {"1"} for r in rows)
+    assert untimed(rows, "bytes_up", "failed_reasons") == untimed(
+        read_metrics(tmp_path / "engine"), "bytes_up", "failed_reasons")
 
 
 def test_fault_env_is_not_set_in_this_process() -> None:
