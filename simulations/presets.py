@@ -26,7 +26,6 @@ from fedbayes.algorithms import REGISTRY
 from fedbayes.config import ConfigError, Experiment, RunConfig, resolve
 
 __all__ = [
-    "ALTERNATIVE_KEYS",
     "AUTO",
     "DATASET_PRESETS",
     "PRESET_DIR",
@@ -53,11 +52,6 @@ Datasets not listed (breast-cancer, the synthetic ones) keep the code's defaults
 AUTO = "auto"
 """``preset`` value meaning "the run's dataset's default preset" (:data:`DATASET_PRESETS`)."""
 
-ALTERNATIVE_KEYS: tuple[tuple[str, ...], ...] = (("rho", "rho-k"),)
-"""Keys that set one quantity in two ways (ρ, or K·ρ) and may not both be given: when the user sets one of them,
-:func:`apply_preset` drops the preset's other one, so the user's value wins instead of clashing."""
-
-
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -67,10 +61,18 @@ class Preset:
     centralized: dict[str, Any] = field(default_factory=dict)
 
     def config_for(self, algorithm: str, sets: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The flat config of one algorithm: base ← algorithm table ← ``sets``."""
+        """The flat config of one algorithm: base ← algorithm table ← ``sets``.  A key of ``sets`` replaces the
+        preset's alternatives to it (the algorithm config's ``alternative_keys``, e.g. ``rho`` its ``rho-k``),
+        so the user's value wins instead of clashing."""
         if algorithm not in REGISTRY:
             raise ConfigError(f"unknown algorithm '{algorithm}'; valid: {list(REGISTRY)}")
-        cfg = {**self.base, **self.algorithms.get(algorithm, {}), **(sets or {})}
+        sets = {str(k).replace("_", "-"): v for k, v in (sets or {}).items()}
+        table = {**self.base, **self.algorithms.get(algorithm, {})}
+        for keys in REGISTRY[algorithm].Config.alternative_keys:
+            if any(k in sets for k in keys):
+                for k in keys:
+                    table.pop(k, None)
+        cfg = {**table, **sets}
         cfg["algorithm"] = algorithm
         return cfg
 
@@ -155,8 +157,8 @@ def apply_preset(explicit: Mapping[str, Any], preset: str | None = AUTO) -> tupl
     -------
     tuple
         The flat kebab-case config (preset ← explicit; the algorithm is ``explicit["algorithm"]``, else fedbayes'
-        default; an explicit key of :data:`ALTERNATIVE_KEYS` replaces the preset's alternative, e.g. ``rho``
-        its ``rho-k``) and the name of the preset used (None: none).
+        default; an explicit key replaces the preset's alternatives to it, e.g. ``rho`` its ``rho-k``: see
+        :meth:`Preset.config_for`) and the name of the preset used (None: none).
 
     Raises
     ------
@@ -175,12 +177,7 @@ def apply_preset(explicit: Mapping[str, Any], preset: str | None = AUTO) -> tupl
         name = auto
     p = load_preset(name)
     algorithm = str(flat.get("algorithm", RunConfig.model_fields["algorithm"].default))
-    cfg = p.config_for(algorithm)
-    for keys in ALTERNATIVE_KEYS:
-        if any(k in flat for k in keys):
-            for k in keys:
-                cfg.pop(k, None)
-    return {**cfg, **flat}, p.name
+    return p.config_for(algorithm, flat), p.name
 
 
 def centralized_config(preset: Preset, seed: int, sets: dict[str, Any] | None = None) -> dict[str, Any]:

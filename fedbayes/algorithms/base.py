@@ -56,6 +56,11 @@ class AlgorithmConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True)
 
+    alternative_keys: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    """Groups of kebab-case keys that set one quantity in different ways and may not be given together (e.g.
+    ``rho`` / ``rho-k``); a layered config (preset ← user) drops the lower layer's alternatives of a key the upper
+    layer sets (:meth:`simulations.presets.Preset.config_for`)."""
+
     min_prec: float = 1e-8
     """Floor applied wherever a global precision is formed (it is inverted for the mean)."""
 
@@ -69,6 +74,7 @@ class KScaledRho(AlgorithmConfig):
     """
 
     default_rho_k: ClassVar[float] = 1.0
+    alternative_keys: ClassVar[tuple[tuple[str, ...], ...]] = (("rho", "rho-k"),)
     rho: float | None = Field(None, gt=0.0, description="ρ on the paper's scale (default: rho-k / K)")
     rho_k: float | None = Field(None, gt=0.0, description="Kρ (K-free; ρ = rho-k / K)")
 
