@@ -73,11 +73,13 @@ class RunConfig(BaseModel):
     clients_per_round: float = Field(1.0, gt=0.0)
     """A fraction in (0, 1] of the K clients, or a whole number of clients > 1."""
     eval_every: int = Field(1, ge=1)
-    validation_fraction: float = Field(0.0, ge=0.0, lt=0.5)
+    validation_fraction: float = Field(0.0, ge=0.0, le=1.0)
     """f > 0: set aside a validation set of round(f · n) examples, n = the examples the clients hold: a
     stratified sample (seeded by ``seed``) of the training-file examples no client holds, so the clients' data
     is unchanged; only when too few are unused (``train-fraction = 1`` and a partition that uses everything)
-    held out of the training set before partitioning.  The test set is never touched
+    held out of the training set before partitioning (then f < 0.5).  f may reach 1 when drawn from unused
+    examples: a validation set as large as the clients' data costs nothing to training, and 600 examples
+    (f = 0.1 on fmnist-10-het) measure accuracy only to ±1.5 points.  The test set is never touched
     (:mod:`fedbayes.data.validation`)."""
     eval_split: Literal["test", "validation"] = "test"
     """What each round is evaluated on; ``"validation"`` (needs ``validation-fraction`` > 0) writes ``val_*``

@@ -29,6 +29,9 @@ value) — and ``DIR/best.json``; at the end ``history.png`` (optimisation histo
 ``fedbayes tune-apply DIR... --preset P --out NEW.toml`` merges the ``best.toml`` of one or more studies into
 a copy of preset P and validates the result: tuned presets come from a command, not from hand edits.
 
+Start point.  A fresh study's first trial is the preset's own values of the search-space keys (those inside the
+space), so a re-tune starts from the previous best and every method gets the same head start.
+
 ``--set`` keys shape the trials (e.g. ``epochs=2`` as a cheaper budget) and are listed in best.toml's header;
 only a ``--set`` key that is in the search space is fixed (no longer tuned) and written into the table.
 """
@@ -641,6 +644,10 @@ def tune(spec: TuneSpec) -> dict[str, Any]:
             raise ConfigError(f"{spec.out}: the study's validation split {study.user_attrs['validation-split']} "
                               f"differs from this command's {split}; nothing was changed")
         study.set_user_attr("validation-split", split)
+        start = _preset_point(spec)
+        if start and not study.get_trials(deepcopy=False):
+            study.enqueue_trial(start)  # trial 0 is the preset's own point (see _preset_point)
+            study.set_user_attr("enqueued-preset-point", start)
         if spec.own_storage:
             stale = _fail_stale(study, storage)
             if stale and not spec.quiet:
@@ -681,6 +688,15 @@ def tune(spec: TuneSpec) -> dict[str, Any]:
     if counts["finished"] < spec.trials:
         notes.append(f"only {counts['finished']} of {spec.trials} trials finished ({counts['fail']} failed)")
     return info
+
+
+def _preset_point(spec: TuneSpec) -> dict[str, Any]:
+    """The preset's values of the search-space keys that lie inside the space.
+
+    A fresh study evaluates this point first (``study.enqueue_trial``), so every method's search starts from
+    its current preset (e.g. an earlier study's best) and a study can only improve on it; TPE's random
+    start-up trials follow.  Keys the preset does not set, or sets outside the space, are sampled as usual."""
+    return {k: spec.table[k] for k, dim in spec.space.items() if k in spec.table and dim.contains(spec.table[k])}
 
 
 class _NoLock:

@@ -246,3 +246,38 @@ def test_diverging_trials_are_pruned_not_fatal(tmp_path: Path, monkeypatch: pyte
     assert info["trials"]["pruned"] == 2 and info["trials"]["complete"] == 1
     assert info["best"]["value"] == pytest.approx(1 / 3)
     assert any("importance.png: skipped" in n for n in info["notes"])
+
+
+def test_a_fresh_study_starts_at_the_presets_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trial 0 evaluates the preset's own values of the searched keys (every method starts from its preset)."""
+    import fedbayes.engine as engine
+    from simulations.tune import make_spec, tune
+
+    seen: list[dict[str, Any]] = []
+
+    def fake(exp: Any, out: Any, *, on_round: Any = None, **_: Any) -> list[dict[str, Any]]:
+        flat = exp.to_flat()
+        seen.append({"lr": flat["lr"], "rho": flat["rho"]})
+        row = {"round": 1, "val_nll": float(flat["lr"])}
+        on_round(row)
+        return [row]
+
+    monkeypatch.setattr(engine, "run_experiment", fake)
+    spec = make_spec("digits-10-het", "fedadmm", 3, rounds=2, out=tmp_path / "d", quiet=True,
+                     sets={"num-clients": 2})
+    preset = load_preset("digits-10-het").algorithms["fedadmm"]
+    tune(spec)
+    assert seen[0] == {"lr": pytest.approx(preset["lr"]), "rho": pytest.approx(preset["rho"])}
+    assert len(seen) == 3 and seen[1] != seen[0]
+    tune(make_spec("digits-10-het", "fedadmm", 4, rounds=2, out=tmp_path / "d", quiet=True, sets={"num-clients": 2}))
+    assert len(seen) == 4 and seen[3] != seen[0]  # a continued study is not restarted at the preset
+
+
+def test_validation_fraction_above_one_half_only_from_unused_examples() -> None:
+    fed = Federation.build(resolve({**FAST, "train-fraction": 0.5, "validation-fraction": 0.9}))
+    assert fed.validation is not None and fed.validation.source == "unused"
+    assert len(fed.validation.rows) == round(0.9 * len(_client_rows(fed)))
+    with pytest.raises(ValueError, match=r"validation-fraction 0\.6 needs .* < 0\.5"):
+        Federation.build(resolve({**FAST, "validation-fraction": 0.6}))
+    with pytest.raises(ConfigError, match="validation"):
+        resolve({**FAST, "validation-fraction": 1.5})

@@ -81,9 +81,11 @@ class BayesADMM(Algorithm):
     name: ClassVar[str] = "bayes-admm"
     summary: ClassVar[str] = "IVON-ADMM: duals in natural parameters (Möllenhoff et al. 2025)"
     search_space: ClassVar[dict[str, Dim]] = {
-        # around the reference's values (lr 5e-5, τ 1e-3, ρK 2, γ 1e-3, δ 1), each a decade or two either way
-        "lr": LogUniform(1e-5, 1e-3), "temperature": LogUniform(1e-4, 1e-2), "prior-prec": LogUniform(0.1, 10.0),
-        "rho-k": LogUniform(0.5, 10.0), "damping": LogUniform(1e-4, 1e-1),
+        # around the reference's values (lr 5e-5, τ 1e-3, ρK 2, γ 1e-3, δ 1), each a decade or two either way.
+        # lr and γ reach higher than the reference: on fmnist-10-het (validation, 50 rounds) lr 1e-3 beat 1e-4
+        # and 3.7e-4 in accuracy (3e-3 diverges), and γ = 0.05 cut validation NLL from 0.57 to 0.49 against 4.5e-4.
+        "lr": LogUniform(3e-5, 2e-3), "temperature": LogUniform(1e-4, 1e-2), "prior-prec": LogUniform(0.1, 10.0),
+        "rho-k": LogUniform(0.5, 10.0), "damping": LogUniform(1e-3, 0.5),
     }
     bayesian: ClassVar[bool] = True
     signed_sites: ClassVar[bool] = True  # replies are checked as prior + site > 0 (also right for clamped sites)

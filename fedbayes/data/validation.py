@@ -3,14 +3,15 @@
 The rule
 --------
 With ``validation-fraction`` = f > 0, the validation set is a stratified sample, seeded by the run's ``seed``,
-of size round(f · n), n = the number of training examples the clients hold, drawn from the examples of the
+of size round(f · n) (0 < f ≤ 1), n = the number of training examples the clients hold, drawn from the examples of the
 **training file that no client holds**: those ``train-fraction`` < 1 left out (Fashion-MNIST with
 ``train-fraction = 0.1`` leaves 54,000) and those the partition did not hand out (``partition = "paper"`` uses
 about 6,000 of 60,000).  The clients' data is then exactly what it is without a validation set, so tuning runs
 and final runs train on the same examples.  Only when fewer unused examples exist than that (a partition that
 uses every example with ``train-fraction = 1``, e.g. adult or digits with ``dirichlet``) is the validation set
 held out of the training set before partitioning instead: round(f · N) examples of the N training examples,
-and the clients are partitioned from the remaining N − round(f · N).  The test set is never touched.
+and the clients are partitioned from the remaining N − round(f · N) (this needs f < 0.5).  The test set is
+never touched.
 
 The split is identified by its rows in the training file: :meth:`ValidationSet.fingerprint` is the first 16
 hex digits of the SHA-256 of the sorted rows (``split.json`` in the run folder).
@@ -120,7 +121,7 @@ def split_validation(
     parts
         The clients' index arrays into ``data``'s training set.
     fraction
-        ``validation-fraction`` in (0, 0.5).
+        ``validation-fraction`` in (0, 1]; a hold-out (too few unused examples) needs it below 0.5.
     seed
         The run's seed (the draw uses ``[seed, VALIDATION_STREAM]``).
     repartition
@@ -132,8 +133,8 @@ def split_validation(
         The dataset the clients use (without the ``*_rest`` arrays; after a hold-out, without the held-out
         examples), its partition, and the validation set.
     """
-    if not 0.0 < fraction < 0.5:
-        raise ValueError(f"validation-fraction must be in (0, 0.5), got {fraction}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"validation-fraction must be in (0, 1], got {fraction}")
     rng = np.random.default_rng([int(seed), VALIDATION_STREAM])
     rows = data.train_rows()
     held = np.zeros(len(rows), dtype=bool)
@@ -157,6 +158,10 @@ def split_validation(
         val = ValidationSet(x_val, pool_y[pick], chosen, "unused", fraction, n_held, len(pool_rows))
         return clean, parts, val
     # too few unused examples: hold round(f·N) out of the training set, then partition the rest
+    if fraction >= 0.5:
+        raise ValueError(
+            f"validation-fraction {fraction} needs {want} unused training examples but only {len(pool_rows)} exist; "
+            "holding the validation set out of the training set instead needs validation-fraction < 0.5")
     n = len(rows)
     pick = stratified_sample(data.y_train, _size(fraction, n), rng)
     keep = np.setdiff1d(np.arange(n), pick)
