@@ -29,6 +29,10 @@ __all__ = [
 ]
 
 
+NEXT_STATE = "state.next.safetensors"
+"""The checkpoint's incoming state, renamed to ``state.safetensors`` once ``meta.json`` records its digest."""
+
+
 class CheckpointError(ValueError):
     """A missing, truncated or corrupted checkpoint."""
 
@@ -90,17 +94,26 @@ class ResultsWriter:
 
     def write_checkpoint(self, server_round: int, state: Mapping[str, Tensor], metrics: list[dict[str, Any]],
                          extra: Mapping[str, Any] | None = None) -> None:
+        """Write ``checkpoint/`` so that a kill at any instant leaves a loadable pair (state, meta).
+
+        Order: the new state goes to ``state.next.safetensors`` (atomically), then ``meta.json`` with its SHA-256
+        (atomically), then the state is renamed over ``state.safetensors``.  Killed before the meta: the old pair
+        is intact.  Killed between the meta and the rename: :func:`load_checkpoint` finds the state whose digest
+        the meta records in ``state.next.safetensors``.  (Replacing the state first, as before, left a new state
+        under an old meta: a SIGKILL there made the run unresumable.)"""
         ck = self.dir / "checkpoint"
         ck.mkdir(exist_ok=True)
-        _atomic_save_tensors(ck / "state.safetensors", state)
+        nxt = ck / NEXT_STATE
+        _atomic_save_tensors(nxt, state)
         meta = {
             "round": server_round,
             "config": self.config,
             "metrics": metrics,
-            "state_sha256": _sha256(ck / "state.safetensors"),
+            "state_sha256": _sha256(nxt),
             **(extra or {}),
         }
         atomic_write_bytes(ck / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
+        os.replace(nxt, ck / "state.safetensors")
 
 
 def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -123,6 +136,9 @@ def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Tens
     if not isinstance(meta, dict) or not {"round", "config", "metrics", "state_sha256"} <= set(meta):
         raise CheckpointError(f"checkpoint {meta_p} lacks round/config/metrics/state_sha256")
     digest = _sha256(state_p)
+    nxt = ck / NEXT_STATE
+    if digest != meta["state_sha256"] and nxt.exists() and _sha256(nxt) == meta["state_sha256"]:
+        state_p, digest = nxt, meta["state_sha256"]  # killed between the meta and the rename (write_checkpoint)
     if digest != meta["state_sha256"]:
         raise CheckpointError(
             f"checkpoint {state_p} is corrupted or truncated: SHA-256 {digest[:12]}… != recorded "

@@ -78,7 +78,7 @@ def test_compare_writes_table_and_plots(tmp_path: Path) -> None:
     rows = list(csv.DictReader(open(out / "table.csv")))
     assert [r["algorithm"] for r in rows] == ["fedavg", "pvi", "centralized", "centralized-ivon"]
     for r in rows:
-        assert 0.0 <= float(r["test_accuracy_mean"]) <= 1.0 and float(r["test_accuracy_std"]) >= 0.0
+        assert float(r["test_accuracy_mean"]) > 0.3 and float(r["test_accuracy_std"]) >= 0.0  # chance: 0.1
         assert r["seeds"] == "2"
     assert rows[1]["bma_test_nll_mean"] != ""
     for png in ("accuracy.png", "nll.png"):

@@ -66,8 +66,10 @@ def test_every_algorithm_learns_digits_and_writes_its_results(name: str, tmp_pat
     rows = run_experiment(config(name), out_dir=out, progress=False)
     bayesian = get_algorithm(name).bayesian
     assert [r["round"] for r in rows] == [1, 2]
-    # chance is 0.1 for 10 classes; every rule reached >= 0.57 on seeds 0-9 with these settings
-    assert rows[-1]["test_accuracy"] > 0.4, rows
+    # chance is 0.1 for 10 classes; on seeds 0-4 (2026-12) pvi reached 0.60-0.75, bayes-admm 0.76-0.81 and the
+    # point rules 0.85-0.93 with these settings: a rule that stops learning properly fails these bounds
+    floor = {"pvi": 0.55, "bayes-admm": 0.7}.get(name, 0.8)
+    assert rows[-1]["test_accuracy"] > floor, rows
     # results folder
     assert {"config.json", "metrics.jsonl", "posterior.safetensors", "checkpoint"} <= {p.name for p in out.iterdir()}
     cfg = json.loads((out / "config.json").read_text())

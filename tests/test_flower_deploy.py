@@ -55,7 +55,7 @@ def _check_results(out: Path, rounds: int) -> None:
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
     for r in rows:
         assert r["participants"] == [0, 1, 2] and r["failed"] == []
-        assert 0.0 <= r["test_accuracy"] <= 1.0 and "bma_test_accuracy" in r
+        assert r["test_accuracy"] > 0.2 and "bma_test_accuracy" in r  # learning (chance: 0.1)
     assert (out / "config.json").exists() and (out / "posterior.safetensors").exists()
     assert (out / "checkpoint" / "state.safetensors").exists()
 

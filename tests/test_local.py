@@ -217,3 +217,39 @@ def test_ivon_site_after_a_null_step_is_the_start_minus_the_prior(signed: bool) 
         assert torch.allclose(got, expect, rtol=1e-4, atol=1e-3), k
     assert n_neg > 0
     assert res.metrics["site_clamped"] == (0 if signed else n_neg)
+
+
+@pytest.mark.parametrize("temperature,ess_scale,per_example", [(1.0, 1.0, False), (0.25, 1.0, False),
+                                                                (1.0, 0.5, False), (0.5, 4.0, True)])
+def test_local_objective_scaling_has_its_closed_form(temperature: float, ess_scale: float,
+                                                     per_example: bool) -> None:
+    """Conjugate linear regression under a vector prior π = (η_π, s_π): with ess = N/(τ·ess_scale) the point
+    solution solves (ess/N · XᵀX/σ² + S_π) θ = ess/N · Xᵀy/σ² + η_π, and the Laplace site is
+    H = ess/N · XᵀX/σ² (diagonal design).  With ``prior_per_example`` the prior is multiplied by ess first
+    (FedProx/FedADMM/FedDyn), i.e. (XᵀX/(Nσ²) + S_π) θ = Xᵀy/(Nσ²) + η_π."""
+    rng = torch.Generator().manual_seed(1)
+    d, noise_var = 3, 0.5
+    w = torch.randn(d, generator=rng, dtype=torch.float64)
+    x, y = _orthogonal_client(rng, d, 9, w, 0.4)
+    n = x.shape[0]
+    model = build_model("linreg", d, 1).double()
+    tmpl = dict(model.named_parameters())
+    s_pi = torch.tensor([0.7, 1.3, 2.0, 0.4], dtype=torch.float64)  # 3 weights, then the bias
+    m_pi = torch.tensor([0.2, -0.5, 1.0, 0.1], dtype=torch.float64)
+    prior = DiagGaussian({"1.weight": (s_pi[:3] * m_pi[:3]).reshape(1, 3), "1.bias": s_pi[3:] * m_pi[3:]},
+                         {"1.weight": s_pi[:3].reshape(1, 3), "1.bias": s_pi[3:].clone()})
+    assert set(tmpl) == set(prior.eta)
+    settings = LocalSettings(mode="lbfgs", lr=1.0, epochs=3, loss="gaussian", noise_var=noise_var, laplace=True,
+                             temperature=temperature, ess_scale=ess_scale, prior_per_example=per_example)
+    res = train_local(model, prior, x, y, settings)
+    ess = n / (temperature * ess_scale)
+    xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
+    data_prec = torch.diag(xa.T @ xa) / noise_var * (ess / n)
+    data_eta = xa.T @ y / noise_var * (ess / n)
+    scale = ess if per_example else 1.0
+    theta = (data_eta + scale * s_pi * m_pi) / (data_prec + scale * s_pi)
+    got = torch.cat([res.mean["1.weight"].reshape(-1), res.mean["1.bias"]])
+    torch.testing.assert_close(got, theta, rtol=1e-7, atol=1e-9)
+    assert res.site is not None
+    site_prec = torch.cat([res.site.prec["1.weight"].reshape(-1), res.site.prec["1.bias"]])
+    torch.testing.assert_close(site_prec, data_prec, rtol=1e-10, atol=1e-10)

@@ -132,7 +132,7 @@ def test_shards_default_per_class_fits_the_smallest_class() -> None:
     assert counts[0] == 300 // 6
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8),
     num_clients=st.integers(1, 30),

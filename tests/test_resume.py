@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedbayes.engine import run_experiment
 from fedbayes.results import CheckpointError, load_checkpoint
@@ -101,3 +102,64 @@ def test_damaged_checkpoint_is_reported_and_kept(tmp_path: Path, damage: str) ->
 def test_missing_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path)
+
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "checkpoint-v1"
+
+
+def _no_timings(rows: list[dict]) -> list[dict]:  # type: ignore[type-arg]
+    return [{k: v for k, v in r.items() if not (k.endswith("_s") or k.endswith("seconds"))} for r in rows]
+
+
+@pytest.mark.parametrize("algo", ["bayes-admm", "feddyn"])
+def test_a_checkpoint_written_by_an_earlier_version_resumes(algo: str, tmp_path: Path) -> None:
+    """``tests/data/checkpoint-v1``: runs stopped after round 2 of 3 (digits, 3 clients, partial participation),
+    written by the code of December 2026, with the uninterrupted run's posterior and metrics.  The current code
+    must read the checkpoint and finish the run bit-identically (a changed checkpoint layout needs a migration)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from fedbayes.results import read_metrics, read_posterior
+
+    run = tmp_path / algo
+    shutil.copytree(GOLDEN / algo, run)
+    config = json.loads((run / "config.json").read_text())
+    rows = run_experiment(config, run, progress=False, resume=True)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    want = load_file(str(GOLDEN / algo / "expected-posterior.safetensors"))
+    got = read_posterior(run)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    expected = [json.loads(line) for line in (GOLDEN / algo / "expected-metrics.jsonl").read_text().splitlines()]
+    assert _no_timings(read_metrics(run)) == _no_timings(expected)
+
+
+def test_a_kill_between_the_meta_and_the_state_rename_still_resumes(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window that made a SIGKILLed run unresumable: the new meta is written, the state not yet in place."""
+    import fedbayes.results as results
+
+    ref = tmp_path / "ref"
+    run_experiment({"algorithm": "pvi", "dataset": "digits", "num-clients": 3, "rounds": 3, "hidden": "8",
+                    "epochs": 1}, ref, progress=False)
+    run = tmp_path / "run"
+    flat = {"algorithm": "pvi", "dataset": "digits", "num-clients": 3, "rounds": 3, "hidden": "8", "epochs": 1}
+    run_experiment(flat, run, progress=False, stop_round=1)
+    real_replace = os.replace
+
+    def killed(src, dst):  # type: ignore[no-untyped-def]
+        if str(src).endswith(results.NEXT_STATE):
+            raise KeyboardInterrupt("killed before the rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(results.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(flat, run, progress=False, resume=True, stop_round=2)
+    monkeypatch.setattr(results.os, "replace", real_replace)
+    meta, _ = load_checkpoint(run)
+    assert meta["round"] == 2 and (run / "checkpoint" / results.NEXT_STATE).exists()
+    run_experiment(flat, run, progress=False, resume=True)
+    assert (ref / "posterior.safetensors").read_bytes() == (run / "posterior.safetensors").read_bytes()
+    assert not (run / "checkpoint" / results.NEXT_STATE).exists()

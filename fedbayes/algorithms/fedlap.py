@@ -85,7 +85,7 @@ class FedLap(Algorithm):
             m = self.mean_of(u)
             self.store.put_all(u.client, params_to("dual", {k: v[k] + rho * (m[k] - m_g[k]) for k in self.names}))
         total = self.zeros()
-        for c in self.store.clients():
+        for c in self.active:  # an excluded client's stored dual (a run forgetting it) is not in the sum
             dual = params_from("dual", self.store.get_all(c), self.names)
             if dual is not None:
                 total = {k: total[k] + dual[k] for k in self.names}
