@@ -1,13 +1,8 @@
 """The in-process simulation engine: the same server rules, wire format and local trainer, called directly.
 
-One round r:
-
-1. choose the participants S (seeded by (seed, r): ``clients-per-round`` of the K clients);
-2. for k ∈ S: task = rule.configure(k, r) → :func:`fedbayes.protocol.encode_task` (float32, what would travel)
-   → :func:`fedbayes.protocol.execute` (the client's whole job) → :func:`fedbayes.protocol.decode_reply`
-   (validated; a bad reply is dropped and logged);
-3. rule.aggregate(r, replies); evaluate the global model (mean prediction, and the posterior-averaged
-   prediction for Bayesian rules); write metrics, posterior and a checkpoint.
+One round r is :class:`fedbayes.rounds.Round` (participants, each client's message, validation of the replies,
+the update, the metrics row), with the client's whole job (:func:`fedbayes.protocol.execute`) called directly
+in place of a network: encode (float32, what would travel) → train → encode the reply → decode and validate.
 
 Because the messages go through the same encode/decode as Flower's and every random choice is derived from
 (seed, round, client), this engine and Flower's runtime give the same numbers, and a run resumed from its
@@ -28,30 +23,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedbayes.algorithms import Algorithm, DiskStore, cosine_lr
-from fedbayes.algorithms.base import ClientTask, ClientUpdate
+from fedbayes.algorithms import Algorithm, DiskStore
 from fedbayes.config import ConfigError, Experiment, resolve
 from fedbayes.data import Dataset, load_dataset, partition, pool, split_summary
 from fedbayes.data.validation import ValidationSet, split_validation
-from fedbayes.local import LocalSettings
-from fedbayes.metrics import evaluate_model
 from fedbayes.models import build_model
-from fedbayes.protocol import InvalidReply, decode_reply, encode_task, execute, nbytes, settings_to_config
+from fedbayes.protocol import execute
 from fedbayes.results import ResultsWriter, atomic_write_bytes, load_checkpoint
+from fedbayes.rounds import Round, record_round
 
-__all__ = [
-    "Federation",
-    "check_round",
-    "client_config",
-    "client_parts",
-    "client_seed",
-    "evaluate_global",
-    "participants",
-    "resolve_device",
-    "round_diagnostics",
-    "run_experiment",
-    "run_rounds",
-]
+__all__ = ["Federation", "client_parts", "resolve_device", "run_experiment", "run_rounds"]
 
 log = logging.getLogger("fedbayes")
 
@@ -62,76 +43,6 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
     return device
-
-
-def client_seed(seed: int, server_round: int, client: int) -> int:
-    """Independent, reproducible seed for client k's local training in round r."""
-    return int(np.random.SeedSequence([seed, server_round, client]).generate_state(1)[0])
-
-
-def participants(exp: Experiment, server_round: int) -> list[int]:
-    """The clients asked to train in ``server_round`` (sorted; seeded by (seed, round)); excluded ones never."""
-    excluded = set(exp.run.exclude_clients)
-    pool = [c for c in range(exp.run.num_clients) if c not in excluded]
-    m = exp.run.participants_per_round()
-    if m >= len(pool):
-        return pool
-    rng = np.random.default_rng([exp.run.seed, server_round, 0x5EED])
-    return sorted(int(pool[i]) for i in rng.choice(len(pool), size=m, replace=False))
-
-
-def injected_failure(exp: Experiment, server_round: int, client: int) -> str | None:
-    """``"failed"``, ``"straggler"`` or None for this (round, client), drawn from ``fail-rate`` and
-    ``straggler-rate`` with a generator seeded by (seed, round, client) — the same draws on resume."""
-    if exp.run.fail_rate == 0.0 and exp.run.straggler_rate == 0.0:
-        return None
-    u = np.random.default_rng([exp.run.seed, server_round, client, 0xFA11]).random()
-    if u < exp.run.fail_rate:
-        return "failed"
-    if u < exp.run.fail_rate + exp.run.straggler_rate:
-        return "straggler"
-    return None
-
-
-def check_round(server_round: int, updates: list[ClientUpdate], reasons: Mapping[int, str]) -> None:
-    """Stop the run (``RuntimeError``) when no reply arrived and every chosen client that trained failed with an
-    error (diverged or sent an invalid reply): the configuration is broken, carrying on would only repeat it.
-    A round whose clients were merely absent (``fail-rate``, stragglers, timeouts) is a no-op, not an error."""
-    if updates or not reasons:  # a client that trained either replied (an update) or failed (a reason)
-        return
-    detail = "; ".join(f"client {c}: {why}" for c, why in sorted(reasons.items()))
-    raise RuntimeError(f"round {server_round}: every client that trained failed, stopping ({detail})")
-
-
-def round_diagnostics(rule: Algorithm, updates: list[ClientUpdate], reasons: Mapping[int, str]) -> dict[str, Any]:
-    """The metrics-row fields shared by every engine: why clients failed (``failed_reasons``, client id → text)
-    and how many coordinates each safeguard touched this round (``guard_*``: the rule's own, e.g.
-    ``guard_safe_prior``, plus ``guard_site_clamp``, the site precisions clamped at 0 by IVON clients)."""
-    out: dict[str, Any] = {"failed_reasons": {str(c): why for c, why in sorted(reasons.items())}}
-    for name, n in sorted(rule.pop_guard_counts().items()):
-        out["guard_" + name.replace("-", "_")] = n
-    clamped = [u.metrics["site-clamped"] for u in updates if "site-clamped" in u.metrics]
-    if clamped:
-        out["guard_site_clamp"] = int(sum(clamped))
-    return out
-
-
-def client_config(exp: Experiment, rule: Algorithm, task: ClientTask, server_round: int, client: int) -> dict[str, Any]:
-    """The ConfigRecord for client k: LocalSettings defaults ← the rule's local defaults ← the user's local keys
-    ← the task's overrides, with the round's learning rate and seed."""
-    kw: dict[str, Any] = dict(type(rule).local_defaults)
-    kw.update(exp.local_overrides())
-    kw.update(task.overrides)
-    if rule.needs_site() and kw.get("mode", "ivon") != "ivon":
-        kw["laplace"] = True  # a point-mode client of a Bayesian rule sends a Laplace site
-    base_lr = kw.get("lr", LocalSettings.lr)
-    if exp.run.lr_schedule == "cosine":
-        kw["lr"] = cosine_lr(float(base_lr), server_round, exp.run.rounds)
-    kw["seed"] = client_seed(exp.run.seed, server_round, client)
-    settings = LocalSettings(**kw)
-    cfg = settings_to_config(settings)
-    cfg.update({"reply": "site" if rule.needs_site() else "mean", "round": server_round, "partition-id": client})
-    return cfg
 
 
 @dataclass
@@ -245,24 +156,6 @@ def make_model(exp: Experiment, data: Dataset) -> nn.Module:
     return build_model(run.model, data.num_features, outputs, seed=run.seed, **kwargs)
 
 
-def evaluate_global(
-    rule: Algorithm, model: nn.Module, x: Tensor, y: Tensor, task: str, exp: Experiment, server_round: int,
-    device: str = "cpu", prefix: str = "test_",
-) -> dict[str, float]:
-    """Metrics on (x, y) of the global mean (``{prefix}*``) and (Bayesian rules, ``bma-samples`` > 0) of the
-    posterior average (``bma_{prefix}*``, formed as ``bma-predictive`` and ``bma-scale`` say:
-    :mod:`fedbayes.predictive`); ``prefix`` is ``"test_"`` or ``"val_"`` (:meth:`Federation.eval_data`)."""
-    posterior = rule.global_posterior()
-    if posterior is not None:
-        posterior = rule.floor(posterior)
-    return evaluate_model(
-        model, rule.global_mean(), x, y, task, posterior=posterior,
-        samples=exp.run.bma_samples if posterior is not None else 0,
-        noise_var=exp.run.noise_var or 1.0, seed=exp.run.seed * 7919 + server_round, device=device, prefix=prefix,
-        predictive=exp.run.bma_predictive, scale=exp.run.bma_scale, logit_samples=exp.run.bma_logit_samples,
-    )
-
-
 def run_experiment(
     exp: Experiment | Mapping[str, Any],
     out_dir: str | Path | None,
@@ -339,7 +232,6 @@ def run_rounds(
     and returns ``rows``.  The lr schedule, participants and seeds are functions of the absolute round and the
     configured ``rounds``, so stopping early and resuming later reproduces an uninterrupted run."""
     stop = exp.run.rounds if stop_round is None else min(int(stop_round), exp.run.rounds)
-    sizes = [len(p) for p in fed.parts]
     t_start = time.perf_counter() - (rows[-1]["wall_s"] if rows else 0.0)
     bar = None
     if progress:
@@ -347,62 +239,21 @@ def run_rounds(
 
         bar = tqdm(total=stop, initial=start_round - 1, desc=exp.run.algorithm, unit="round", leave=False)
     for r in range(start_round, stop + 1):
-        chosen = participants(exp, r)
-        updates: list[ClientUpdate] = []
-        failed: list[int] = []
-        reasons: dict[int, str] = {}
-        up = down = 0
-        train_s = 0.0
-        losses = []
-        for c in chosen:
-            task = fed.rule.configure(c, r)
-            cfg = client_config(exp, fed.rule, task, r, c)
-            msg = encode_task(task)
-            down += nbytes(msg)
-            if (fail is not None and fail(r, c)) or injected_failure(exp, r, c) is not None:
-                failed.append(c)  # the reply never arrives (or arrives after the deadline): client stays stale
-                continue
+        rnd = Round(fed, r)
+        for c in rnd.chosen:
+            job = rnd.job(c, reachable=not (fail is not None and fail(r, c)))
+            if job is None:
+                continue  # the reply never arrives (or arrives after the deadline): the client stays stale
             x, y = fed.client_data[c]
             try:
-                reply, metrics = execute(fed.model, msg, cfg, x, y, device=fed.device)
+                reply, metrics = execute(fed.model, job.records, job.config, x, y, device=fed.device)
             except ArithmeticError as e:  # local training diverged (FloatingPointError): a failed client
-                log.warning("round %d: client %d failed: %s", r, c, e)
-                failed.append(c)
-                reasons[c] = f"diverged: {e}"
+                rnd.fail(c, f"diverged: {e}")
                 continue
-            up += nbytes(reply)
-            try:
-                u = decode_reply(reply, metrics, client=c, shapes=fed.shapes, need_site=fed.rule.needs_site(),
-                                 expected_examples=sizes[c],
-                                 prior_prec=task.prior.prec if fed.rule.signed_sites else None)
-            except InvalidReply as e:
-                log.warning("round %d: dropped reply of client %d: %s", r, c, e)
-                failed.append(c)
-                reasons[c] = f"invalid reply: {e}"
-                continue
-            updates.append(u)
-            train_s += u.metrics.get("train-seconds", 0.0)
-            losses.append(u.metrics.get("train-loss", float("nan")))
-        check_round(r, updates, reasons)
-        fed.rule.aggregate(r, updates)
-        row: dict[str, Any] = {"round": r}
-        if r % exp.run.eval_every == 0 or r == exp.run.rounds:
-            x_ev, y_ev, prefix = fed.eval_data()
-            row.update(evaluate_global(fed.rule, fed.model, x_ev, y_ev, fed.data.task, exp, r, fed.device, prefix))
-        row.update({
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "bytes_up": up, "bytes_down": down,
-            "participants": [u.client for u in updates], "failed": failed,
-            "train_s": train_s, "wall_s": time.perf_counter() - t_start,
-        })
-        row.update(round_diagnostics(fed.rule, updates, reasons))
-        rows.append(row)
-        if writer is not None:
-            writer.append_metrics(row)
-            post = fed.rule.global_posterior()
-            writer.write_posterior(fed.rule.global_mean(), fed.rule.floor(post) if post is not None else None)
-            if checkpoint:
-                writer.write_checkpoint(r, fed.rule.state_tensors(), rows)
+            rnd.receive(c, reply, metrics)
+        rnd.aggregate()
+        row = rnd.row(lambda: time.perf_counter() - t_start)
+        record_round(writer, fed.rule, row, rows, checkpoint=checkpoint)
         if on_round is not None:
             on_round(row)
         if bar is not None:

@@ -16,7 +16,7 @@ may even carry negative precision; :meth:`DiagGaussian.validate` decides what is
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -65,10 +65,6 @@ class DiagGaussian:
 
     # ------------------------------------------------------------------ construction
     @staticmethod
-    def from_natural(eta: Mapping[str, Tensor], prec: Mapping[str, Tensor]) -> DiagGaussian:
-        return DiagGaussian(dict(eta), dict(prec))
-
-    @staticmethod
     def from_mean_prec(mean: Mapping[str, Tensor], prec: Mapping[str, Tensor]) -> DiagGaussian:
         check_same_layout(mean, prec, "from_mean_prec")
         return DiagGaussian({k: prec[k] * mean[k] for k in mean}, {k: prec[k].clone() for k in prec})
@@ -87,14 +83,6 @@ class DiagGaussian:
             check_same_layout(template, mean, "isotropic(mean)")
             e = {k: p[k] * mean[k].to(dtype) for k in template}
         return DiagGaussian(e, p)
-
-    @staticmethod
-    def zeros_like(template: Mapping[str, Tensor], dtype: torch.dtype = torch.float64) -> DiagGaussian:
-        """The flat factor (η = 0, s = 0): the neutral element of ``+``."""
-        return DiagGaussian(
-            {k: torch.zeros(v.shape, dtype=dtype) for k, v in template.items()},
-            {k: torch.zeros(v.shape, dtype=dtype) for k, v in template.items()},
-        )
 
     # ------------------------------------------------------------------ views
     @property
@@ -148,13 +136,6 @@ class DiagGaussian:
     def scale(self, c: float) -> DiagGaussian:
         """c·λ (a power of the density); used for damping and tempering."""
         return DiagGaussian({k: c * v for k, v in self.eta.items()}, {k: c * v for k, v in self.prec.items()})
-
-    @staticmethod
-    def sum(items: Iterable[DiagGaussian], start: DiagGaussian) -> DiagGaussian:
-        out = start
-        for g in items:
-            out = out + g
-        return out
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> DiagGaussian:
         return DiagGaussian(

@@ -210,17 +210,6 @@ class IVON(FlatOptimizer):
             self._refresh(group)
 
     @torch.no_grad()
-    def set_posterior(self, mean: Sequence[Tensor], prec: Sequence[Tensor]) -> None:
-        """Warm start: m ← mean and h ← (prec − s_π)/ess (requires prec > 0)."""
-        for (group, m), (_, s) in zip(self._per_group(mean), self._per_group(prec), strict=True):
-            s_flat = self._concat(s, group, "set_posterior")
-            if not bool((s_flat > 0).all()):
-                raise ValueError("set_posterior: precision must be > 0")
-            group["flat"].copy_(self._concat(m, group, "set_posterior"))
-            group["hess"] = (s_flat - group["prior_prec"]) / group["ess"]
-            self._refresh(group)
-
-    @torch.no_grad()
     def set_hess(self, hess: Sequence[Tensor]) -> None:
         for group, h in self._per_group(hess):
             group["hess"] = self._concat(h, group, "set_hess")

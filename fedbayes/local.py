@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
 
+from fedbayes.curvature import diag_ggn
 from fedbayes.gaussian import DiagGaussian, check_same_layout
 from fedbayes.ivon import IVON, split_natural
 from fedbayes.optim import SGD, Adam, FlatOptimizer
 
-__all__ = ["MODES", "LocalResult", "LocalSettings", "diag_ggn", "initial_curvature", "train_local"]
+__all__ = ["MODES", "LocalResult", "LocalSettings", "initial_curvature", "train_local"]
 
 MODES = ("ivon", "adam", "sgd", "lbfgs")
 IVON_BETA2 = 0.9999
@@ -94,10 +94,6 @@ class LocalSettings:
         if problems:
             raise ValueError("invalid local settings: " + "; ".join(problems))
 
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
 @dataclass
 class LocalResult:
     """What a client reports: its mean, its site (IVON or Laplace), Nₖ and training metrics."""
@@ -113,117 +109,6 @@ def _loss_fn(settings: LocalSettings):  # type: ignore[no-untyped-def]
         return lambda out, y: nn.functional.cross_entropy(out, y)
     nv = settings.noise_var
     return lambda out, y: ((out.reshape(-1) - y.reshape(-1)) ** 2).mean() / (2 * nv)
-
-
-def _linear_layers(model: nn.Module) -> list[nn.Linear] | None:
-    """The model's parametrised modules if they are all ``nn.Linear`` (else None: use the generic path)."""
-    layers = []
-    for m in model.modules():
-        if any(True for _ in m.parameters(recurse=False)):
-            if not isinstance(m, nn.Linear):
-                return None
-            layers.append(m)
-    return layers
-
-
-def _diag_ggn_linear(
-    model: nn.Module, layers: list[nn.Linear], x: Tensor, loss: str, noise_var: float, chunk: int = 1024
-) -> dict[int, tuple[Tensor, Tensor | None]]:
-    """Exact diagonal GGN for networks whose parameters all sit in Linear layers, without per-example Jacobians.
-
-    Factor Λᵢ = Σ_c l_c l_cᵀ (cross-entropy: l_c = √p_c (e_c − p); Gaussian: l = 1/σ).  Then
-    diag GGN = Σᵢ Σ_c (Jᵢᵀ l_c)², and for a Linear layer z = W a + b the per-example gradient of l_cᵀ f is
-    δ aᵀ with δ = ∂(l_cᵀ f)/∂z, so Σᵢ (δᵢ aᵢᵀ)² = (δ²)ᵀ(a²) and the bias gets Σᵢ δᵢ²: one backward pass per
-    factor column and one matrix product per layer.
-    """
-    acts: list[Tensor] = []
-    outs: list[Tensor] = []
-
-    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
-        acts.append(inp[0].detach())
-        outs.append(out)
-
-    handles = [layer.register_forward_hook(hook) for layer in layers]
-    res: dict[int, tuple[Tensor, Tensor | None]] = {
-        id(layer): (torch.zeros_like(layer.weight), None if layer.bias is None else torch.zeros_like(layer.bias))
-           for layer in layers}
-    try:
-        for i in range(0, x.shape[0], chunk):
-            acts.clear()
-            outs.clear()
-            with torch.enable_grad():
-                f = model(x[i : i + chunk])
-                if loss == "ce":
-                    p = f.detach().softmax(-1)
-                    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-                    cols = [p[:, c : c + 1].sqrt() * (eye[c] - p) for c in range(p.shape[1])]
-                else:
-                    cols = [torch.full_like(f, 1.0 / math.sqrt(noise_var))]
-                for j, l_c in enumerate(cols):
-                    deltas = torch.autograd.grad((f * l_c).sum(), outs, retain_graph=j < len(cols) - 1)
-                    for layer, a, d in zip(layers, acts, deltas, strict=True):
-                        w, b = res[id(layer)]
-                        w += (d * d).T @ (a * a)
-                        if b is not None:
-                            b += (d * d).sum(0)
-    finally:
-        for h in handles:
-            h.remove()
-    return res
-
-
-def diag_ggn(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    x: Tensor,
-    loss: str = "ce",
-    noise_var: float = 1.0,
-    chunk_bytes: int = 64 << 20,
-) -> dict[str, Tensor]:
-    """Diagonal of the generalised Gauss-Newton of the *summed* loss Σᵢ ℓᵢ at ``params``.
-
-    GGN = Σᵢ Jᵢᵀ Λᵢ Jᵢ with Jᵢ the Jacobian of the outputs; for cross-entropy Λ = diag(p) − ppᵀ, so
-    diag = Σᵢ [Σ_c p_c J_c² − (Σ_c p_c J_c)²]; for the Gaussian likelihood Λ = 1/σ².  Exact (no sampling),
-    computed with per-example Jacobians in chunks of at most ``chunk_bytes``.
-    """
-    names = list(params)
-    own = dict(model.named_parameters())
-    layers = _linear_layers(model)
-    if layers is not None and all(params[k] is own.get(k) for k in names):
-        fast = _diag_ggn_linear(model, layers, x, loss, noise_var)
-        by_tensor = {}
-        for layer in layers:
-            w, b = fast[id(layer)]
-            by_tensor[id(layer.weight)] = w
-            if layer.bias is not None and b is not None:
-                by_tensor[id(layer.bias)] = b
-        return {k: by_tensor[id(own[k])] for k in names}
-    detached = {k: v.detach() for k, v in params.items()}
-
-    def f(p: dict[str, Tensor], xi: Tensor) -> Tensor:
-        return functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
-
-    jac_fn = vmap(jacrev(f), in_dims=(None, 0))
-    n_params = sum(v.numel() for v in detached.values())
-    with torch.no_grad():
-        n_out = int(functional_call(model, detached, (x[:1],)).shape[-1])
-    chunk = max(1, int(chunk_bytes // max(1, n_out * n_params * x.element_size())))
-    out = {k: torch.zeros_like(v) for k, v in detached.items()}
-    for i in range(0, x.shape[0], chunk):
-        xb = x[i : i + chunk]
-        jac = jac_fn(detached, xb)  # name -> (b, C, *shape)
-        if loss == "ce":
-            with torch.no_grad():
-                p = functional_call(model, detached, (xb,)).softmax(-1)  # (b, C)
-            for k in names:
-                j = jac[k].reshape(jac[k].shape[0], n_out, -1)
-                pj = (p[:, :, None] * j).sum(1)
-                out[k] += ((p[:, :, None] * j * j).sum(1) - pj * pj).sum(0).reshape(out[k].shape)
-        else:
-            for k in names:
-                j = jac[k].reshape(jac[k].shape[0], n_out, -1)
-                out[k] += (j * j).sum((0, 1)).reshape(out[k].shape) / noise_var
-    return out
 
 
 def initial_curvature(
@@ -273,6 +158,171 @@ def _check_data(x: Tensor, y: Tensor) -> None:
         raise ValueError("local data: inputs contain NaN or Inf")
 
 
+@dataclass
+class _Fit:
+    """One call's working set: the model's parameters, the prior split for float32 arithmetic, the data on the
+    device, ess, the loss and the seeded batch order (drawn in the same order on every path)."""
+
+    model: nn.Module
+    named: dict[str, nn.Parameter]
+    prior: DiagGaussian
+    centers: dict[str, Tensor]
+    lins: dict[str, Tensor]
+    precs: dict[str, Tensor]
+    x: Tensor
+    y: Tensor
+    n: int
+    ess: float
+    settings: LocalSettings
+    device: torch.device
+    dtype: torch.dtype
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    batch_gen: torch.Generator
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    steps: int = 0
+
+    def batches(self) -> Iterator[Tensor]:
+        b = min(self.settings.batch_size, self.n)
+        for _ in range(self.settings.epochs):
+            perm = torch.randperm(self.n, generator=self.batch_gen).to(self.device)
+            for i in range(0, self.n, b):
+                yield perm[i : i + b]
+
+    def done(self) -> bool:
+        """Count a step; True once ``max_steps`` is reached."""
+        self.steps += 1
+        return bool(self.settings.max_steps) and self.steps >= self.settings.max_steps
+
+
+def _prepare(model: nn.Module, prior: DiagGaussian, x: Tensor, y: Tensor, settings: LocalSettings,
+             start_mean: Mapping[str, Tensor] | None) -> _Fit:
+    _check_data(x, y)
+    device = torch.device(settings.device)
+    model.to(device)
+    named = dict(model.named_parameters())
+    prior.validate(named, min_prec=None, what="prior")
+    dtype = next(iter(named.values())).dtype
+    n = int(x.shape[0])
+    ess = n / (settings.temperature * settings.ess_scale)
+    if settings.prior_per_example:
+        prior = prior.scale(ess)
+    with torch.no_grad():
+        if start_mean is not None:
+            check_same_layout(named, start_mean, "start_mean")
+            for k, p in named.items():
+                p.copy_(start_mean[k].to(device=device, dtype=dtype))
+    centers, lins, precs = {}, {}, {}
+    for k in named:
+        c, r = split_natural(prior.eta[k], prior.prec[k])
+        centers[k], lins[k] = c.to(device=device, dtype=dtype), r.to(device=device, dtype=dtype)
+        precs[k] = prior.prec[k].to(device=device, dtype=dtype)
+    x, y = x.to(device), y.to(device)
+    y = y.long() if settings.loss == "ce" else y.to(dtype)
+    # Randomness comes from explicit generators seeded by settings.seed (batch order, IVON noise); the global CPU
+    # generator is seeded too for stochastic layers.  (torch.manual_seed would also queue a lazy CUDA seeding
+    # that records a stack trace: ~2.6 ms per call, a third of a small client's training time.)
+    torch.default_generator.manual_seed(settings.seed)
+    batch_gen = torch.Generator().manual_seed(settings.seed)
+    return _Fit(model, named, prior, centers, lins, precs, x, y, n, ess, settings, device, dtype,
+                _loss_fn(settings), batch_gen)
+
+
+def _fit_ivon(f: _Fit, start_prec: Mapping[str, Tensor] | None) -> tuple[DiagGaussian, dict[str, float]]:
+    """IVON under the prior from the warm start (:func:`initial_curvature`); the site s̃ = ess·h (signed or
+    clamped at 0), η̃ = s̃ ⊙ m + s_π ⊙ m − η_π (:meth:`fedbayes.ivon.IVON.site`)."""
+    s, named = f.settings, f.named
+    noise_gen = torch.Generator(device=f.device).manual_seed(s.seed + 1)
+    opt = IVON(list(named.values()), lr=s.lr, ess=f.ess, hess_init=s.hess_init, beta1=s.beta1,
+               beta2=float(s.beta2 or IVON_BETA2), weight_decay=0.0, mc_samples=s.mc_samples,
+               clip_radius=s.clip_radius, antithetic=s.antithetic, generator=noise_gen)
+    opt.set_prior([f.prior.eta[k] for k in named], [f.prior.prec[k] for k in named])
+    opt.set_hess(initial_curvature({k: f.prior.prec[k] for k in named}, f.ess, s.hess_init, start_prec,
+                                   device=f.device, dtype=f.dtype))
+    for idx in f.batches():
+        xb, yb = f.x[idx], f.y[idx]
+        for _ in range(s.mc_samples):
+            with opt.sampled_params(train=True):
+                opt.zero_grad(set_to_none=True)
+                loss = f.loss_fn(f.model(xb), yb)
+                loss.backward()
+            f.loss_sum += float(loss.detach())
+            f.loss_count += 1
+        opt.step()
+        if f.done():
+            break
+    clamped = 0 if s.signed_site else sum(int((g["hess"] < 0).sum()) for g in opt.param_groups)
+    etas, sprecs = opt.site(signed=s.signed_site)
+    site = DiagGaussian(dict(zip(named, etas, strict=True)), dict(zip(named, sprecs, strict=True)))
+    return site, {"site_clamped": float(clamped)}
+
+
+def _fit_point(f: _Fit) -> None:
+    """θ = argmin ℓ̄(θ) + [½ Σ s_π(θ − c)² − r·θ]/ess by Adam, SGD or (full batch) L-BFGS."""
+    s, named = f.settings, f.named
+    neg = [k for k in named if bool((f.precs[k] < 0).any())]
+    if neg:
+        raise ValueError(
+            f"point mode '{s.mode}' got a prior with negative precision in {neg[:3]}: the local objective "
+            "is unbounded below (an ADMM factor such as bayes-admm's needs mode=ivon)"
+        )
+
+    def penalty() -> Tensor:
+        tot = torch.zeros((), device=f.device, dtype=f.dtype)
+        for k, p in named.items():
+            tot = tot + 0.5 * (f.precs[k] * (p - f.centers[k]) ** 2).sum() - (f.lins[k] * p).sum()
+        return tot / f.ess
+
+    params = list(named.values())
+    if s.mode == "lbfgs":
+        opt_l = torch.optim.LBFGS(params, lr=s.lr, max_iter=max(20, s.max_steps or 500),
+                                  tolerance_grad=1e-14, tolerance_change=0.0, history_size=50,
+                                  line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            opt_l.zero_grad(set_to_none=True)
+            total = f.loss_fn(f.model(f.x), f.y) + penalty()
+            total.backward()
+            return total
+
+        for _ in range(s.epochs):
+            f.loss_sum += float(opt_l.step(closure).detach())  # type: ignore[union-attr]
+            f.loss_count += 1
+            f.steps += 1
+        return
+    opt_p: FlatOptimizer
+    if s.mode == "adam":
+        opt_p = Adam(params, lr=s.lr, betas=(s.beta1, float(s.beta2 or ADAM_BETA2)))
+    else:
+        opt_p = SGD(params, lr=s.lr, momentum=s.momentum)
+    for idx in f.batches():
+        opt_p.zero_grad(set_to_none=True)
+        data_loss = f.loss_fn(f.model(f.x[idx]), f.y[idx])
+        (data_loss + penalty()).backward()
+        if s.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt_p.step()
+        f.loss_sum += float(data_loss.detach())
+        f.loss_count += 1
+        if f.done():
+            break
+
+
+def _laplace_site(f: _Fit) -> DiagGaussian:
+    """The Laplace site at θ: s̃ = H = ess·GGN(ℓ̄) = GGN(Σℓ)/(τρ), η̃ = H ⊙ θ + s_π ⊙ (θ − c) − r, in float64
+    (s_π(θ − c) keeps the digits of the prior)."""
+    ggn = diag_ggn(f.model, f.named, f.x, f.settings.loss, f.settings.noise_var)
+    with torch.no_grad():
+        s_site = {k: ggn[k].double() * (f.ess / f.n) for k in f.named}
+        e_site = {}
+        for k, p in f.named.items():
+            c64, r64 = split_natural(f.prior.eta[k], f.prior.prec[k])
+            th = p.detach().double()
+            s_pi = f.prior.prec[k].double().to(th.device)
+            e_site[k] = s_site[k] * th + s_pi * (th - c64.to(th.device)) - r64.to(th.device)
+    return DiagGaussian(e_site, s_site)
+
+
 def train_local(
     model: nn.Module,
     prior: DiagGaussian,
@@ -302,144 +352,24 @@ def train_local(
         (FedProx/FedADMM/FedDyn put their penalties on the mean loss).
     """
     t0 = time.perf_counter()
-    _check_data(x, y)
-    device = torch.device(settings.device)
-    model.to(device)
-    named = dict(model.named_parameters())
-    prior.validate(named, min_prec=None, what="prior")
-    dtype = next(iter(named.values())).dtype
-    n = int(x.shape[0])
-    ess = n / (settings.temperature * settings.ess_scale)
-    if settings.prior_per_example:
-        prior = prior.scale(ess)
-    with torch.no_grad():
-        if start_mean is not None:
-            check_same_layout(named, start_mean, "start_mean")
-            for k, p in named.items():
-                p.copy_(start_mean[k].to(device=device, dtype=dtype))
-    centers, lins, precs = {}, {}, {}
-    for k in named:
-        c, r = split_natural(prior.eta[k], prior.prec[k])
-        centers[k], lins[k] = c.to(device=device, dtype=dtype), r.to(device=device, dtype=dtype)
-        precs[k] = prior.prec[k].to(device=device, dtype=dtype)
-    x, y = x.to(device), y.to(device)
-    if settings.loss == "ce":
-        y = y.long()
-    else:
-        y = y.to(dtype)
-    loss_fn = _loss_fn(settings)
-    # Randomness comes from explicit generators seeded by settings.seed (batch order, IVON noise); the global CPU
-    # generator is seeded too for stochastic layers.  (torch.manual_seed would also queue a lazy CUDA seeding
-    # that records a stack trace: ~2.6 ms per call, a third of a small client's training time.)
-    torch.default_generator.manual_seed(settings.seed)
-    batch_gen = torch.Generator().manual_seed(settings.seed)
-    params = list(named.values())
-    steps, loss_sum, loss_count = 0, 0.0, 0
-    max_steps = settings.max_steps or None
-
-    def batches():  # type: ignore[no-untyped-def]
-        b = min(settings.batch_size, n)
-        for _ in range(settings.epochs):
-            perm = torch.randperm(n, generator=batch_gen).to(device)
-            for i in range(0, n, b):
-                yield perm[i : i + b]
-
+    f = _prepare(model, prior, x, y, settings, start_mean)
     site: DiagGaussian | None = None
-    extra_metrics: dict[str, float] = {}
+    extra: dict[str, float] = {}
     if settings.mode == "ivon":
-        noise_gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
-        opt = IVON(params, lr=settings.lr, ess=ess, hess_init=settings.hess_init, beta1=settings.beta1,
-                   beta2=float(settings.beta2 or IVON_BETA2), weight_decay=0.0, mc_samples=settings.mc_samples,
-                   clip_radius=settings.clip_radius, antithetic=settings.antithetic, generator=noise_gen)
-        opt.set_prior([prior.eta[k] for k in named], [prior.prec[k] for k in named])
-        h0 = initial_curvature({k: prior.prec[k] for k in named}, ess, settings.hess_init, start_prec,
-                               device=device, dtype=dtype)
-        opt.set_hess(h0)
-        for idx in batches():
-            xb, yb = x[idx], y[idx]
-            for _ in range(settings.mc_samples):
-                with opt.sampled_params(train=True):
-                    opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(model(xb), yb)
-                    loss.backward()
-                loss_sum += float(loss.detach())
-                loss_count += 1
-            opt.step()
-            steps += 1
-            if max_steps and steps >= max_steps:
-                break
-        clamped = 0 if settings.signed_site else sum(int((g["hess"] < 0).sum()) for g in opt.param_groups)
-        etas, sprecs = opt.site(signed=settings.signed_site)
-        site = DiagGaussian(dict(zip(named, etas, strict=True)), dict(zip(named, sprecs, strict=True)))
-        extra_metrics["site_clamped"] = float(clamped)
+        site, extra = _fit_ivon(f, start_prec)
     else:
-        neg = [k for k in named if bool((precs[k] < 0).any())]
-        if neg:
-            raise ValueError(
-                f"point mode '{settings.mode}' got a prior with negative precision in {neg[:3]}: the local objective "
-                "is unbounded below (an ADMM factor such as bayes-admm's needs mode=ivon)"
-            )
-
-        def penalty() -> Tensor:
-            tot = torch.zeros((), device=device, dtype=dtype)
-            for k, p in named.items():
-                tot = tot + 0.5 * (precs[k] * (p - centers[k]) ** 2).sum() - (lins[k] * p).sum()
-            return tot / ess
-
-        if settings.mode == "lbfgs":
-            opt_l = torch.optim.LBFGS(params, lr=settings.lr, max_iter=max(20, settings.max_steps or 500),
-                                      tolerance_grad=1e-14, tolerance_change=0.0, history_size=50,
-                                      line_search_fn="strong_wolfe")
-
-            def closure() -> Tensor:
-                opt_l.zero_grad(set_to_none=True)
-                total = loss_fn(model(x), y) + penalty()
-                total.backward()
-                return total
-
-            for _ in range(settings.epochs):
-                loss_sum += float(opt_l.step(closure).detach())  # type: ignore[union-attr]
-                loss_count += 1
-                steps += 1
-        else:
-            opt_p: FlatOptimizer
-            if settings.mode == "adam":
-                opt_p = Adam(params, lr=settings.lr, betas=(settings.beta1, float(settings.beta2 or ADAM_BETA2)))
-            else:
-                opt_p = SGD(params, lr=settings.lr, momentum=settings.momentum)
-            for idx in batches():
-                opt_p.zero_grad(set_to_none=True)
-                data_loss = loss_fn(model(x[idx]), y[idx])
-                (data_loss + penalty()).backward()
-                if settings.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                opt_p.step()
-                loss_sum += float(data_loss.detach())
-                loss_count += 1
-                steps += 1
-                if max_steps and steps >= max_steps:
-                    break
+        _fit_point(f)
         if settings.laplace:
-            ggn = diag_ggn(model, named, x, settings.loss, settings.noise_var)
-            with torch.no_grad():  # in float64: s_π(θ − m_π) keeps the digits of the prior
-                s_site = {k: ggn[k].double() * (ess / n) for k in named}  # H = ess·GGN(ℓ̄) = GGN(Σℓ)/(τρ)
-                e_site = {}
-                for k, p in named.items():
-                    c64, r64 = split_natural(prior.eta[k], prior.prec[k])
-                    th = p.detach().double()
-                    s_pi = prior.prec[k].double().to(th.device)
-                    e_site[k] = s_site[k] * th + s_pi * (th - c64.to(th.device)) - r64.to(th.device)
-            site = DiagGaussian(e_site, s_site)
-    for k, p in named.items():
+            site = _laplace_site(f)
+    for k, p in f.named.items():
         if not bool(torch.isfinite(p).all()):
             raise FloatingPointError(f"local training diverged: parameter '{k}' is not finite (lower lr?)")
-    mean = {k: p.detach().to("cpu").clone() for k, p in named.items()}
-    if site is not None:
-        site = site.to(device="cpu")
+    mean = {k: p.detach().to("cpu").clone() for k, p in f.named.items()}
     metrics = {
-        "train_loss": loss_sum / max(loss_count, 1),
-        "steps": float(steps),
+        "train_loss": f.loss_sum / max(f.loss_count, 1),
+        "steps": float(f.steps),
         "train_seconds": time.perf_counter() - t0,
-        **extra_metrics,
+        **extra,
     }
-    return LocalResult(mean=mean, site=site, num_examples=n, metrics=metrics)
+    return LocalResult(mean=mean, site=None if site is None else site.to(device="cpu"), num_examples=f.n,
+                       metrics=metrics)

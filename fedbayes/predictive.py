@@ -19,7 +19,7 @@ element-wise activations in between) the Jacobian of output c with respect to W_
     Σ_ij J_c,ij J_d,ij σ²_ij = Σ_i δᶜ_i δᵈ_i u_i,      u = (a ⊙ a) (σ²_W)ᵀ + σ²_b,
 
 one backward pass per output class and one matrix product per layer, without per-example Jacobians (the trick
-of :func:`fedbayes.local._diag_ggn_linear`); other models fall back to per-example Jacobians
+of :func:`fedbayes.curvature.diag_ggn`); other models fall back to per-example Jacobians
 (``torch.func.vmap(jacrev)``) in chunks.  Cost on 10,000 Fashion-MNIST test images (MLP 784-200-100-10, one
 busy CPU thread): the moments ~1.5 s, the probit nothing more, 1024 Monte-Carlo draws ~3.5 s; ``"sample"`` with
 16 networks ~2 s.
@@ -80,8 +80,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
+from fedbayes.curvature import linear_layers
 from fedbayes.gaussian import DiagGaussian
-from fedbayes.local import _linear_layers
 
 __all__ = [
     "PREDICTIVES",
@@ -96,7 +96,7 @@ PREDICTIVES = ("linearized-probit", "linearized", "sample")
 
 def _linear_names(model: nn.Module) -> dict[nn.Module, tuple[str, str | None]] | None:
     """Linear layer -> (weight name, bias name) when every parametrised module is ``nn.Linear``, else None."""
-    layers = _linear_layers(model)
+    layers = linear_layers(model)
     if layers is None:
         return None
     ids = {id(m) for m in layers}

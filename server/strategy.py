@@ -1,19 +1,17 @@
 """One Flower strategy for every fedbayes algorithm: it delegates all algorithm work to the server rule.
 
-The round is the in-process engine's (:func:`fedbayes.engine.run_experiment`) step for step:
+The round is :class:`fedbayes.rounds.Round`, the policy the in-process engine runs too; this class only moves
+its messages through Flower:
 
-1. ``configure_train``: the participants S = :func:`fedbayes.engine.participants` (seeded by round).  A client
-   that ``fail-rate``/``straggler-rate`` draws (:func:`fedbayes.engine.injected_failure`), or whose partition
-   has no node, counts as failed, as in the engine.  For every other k ∈ S: ``rule.configure(k, r)`` ->
-   :func:`fedbayes.protocol.encode_task` (ArrayRecords ``prior.eta``, ``prior.prec``, optional
-   ``start.mean``/``start.prec``, keyed by parameter name) plus :func:`fedbayes.engine.client_config` (the
-   ``config`` ConfigRecord): one Message to the node of partition k.
-2. ``aggregate_train``: the replies that arrived within ``round-timeout`` seconds (0: no deadline) are
-   validated by :func:`fedbayes.protocol.decode_reply` before they touch state (a bad or failed reply is
-   logged and dropped; the round goes on), then ``rule.aggregate(r, updates)`` in the order of S.
-3. ``evaluate`` (the ``evaluate_fn`` of :meth:`Strategy.start`): :func:`fedbayes.engine.evaluate_global`, the
-   metrics row with the engine's keys, ``posterior.safetensors`` and ``checkpoint/`` through
-   :class:`fedbayes.results.ResultsWriter`.
+1. ``configure_train``: for every participant k of the round, ``Round.job(k)`` (the rule's prior for k, encoded,
+   and k's ConfigRecord) becomes one Message (ArrayRecords ``prior.eta``, ``prior.prec``, optional
+   ``start.mean``/``start.prec``, keyed by parameter name, and the ``config`` ConfigRecord) to the node of
+   partition k.  A partition without a node is absent, like a client that ``fail-rate`` draws.
+2. ``aggregate_train``: the replies that arrived within ``round-timeout`` seconds (0: no deadline) go to
+   ``Round.receive`` (validated before they touch state; a ClientApp error or an invalid reply makes a failed
+   client, with its reason), then ``Round.aggregate`` (``rule.aggregate(r, updates)`` in the order of S).
+3. ``evaluate`` (the ``evaluate_fn`` of :meth:`Strategy.start`): ``Round.row`` (one evaluation, the metrics row
+   with the engine's keys) and :func:`fedbayes.rounds.record_round` (metrics, posterior, checkpoint).
 
 Client identity is the node config's ``partition-id``: :meth:`FedBayesStrategy.bind_nodes` sends each node a
 query message at the start (and again whenever a new node id appears) and maps Flower node ids to partitions.
@@ -46,18 +44,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedbayes.algorithms.base import ClientUpdate
-from fedbayes.engine import (
-    Federation,
-    check_round,
-    client_config,
-    evaluate_global,
-    injected_failure,
-    participants,
-    round_diagnostics,
-)
-from fedbayes.protocol import InvalidReply, decode_reply, encode_task, nbytes
+from fedbayes.engine import Federation
+from fedbayes.protocol import InvalidReply, nbytes
 from fedbayes.results import ResultsWriter
+from fedbayes.rounds import Round, record_round
 
 __all__ = ["CONFIG_RECORD", "METRIC_RECORD", "FedBayesStrategy", "NodeInfo", "arrays_of"]
 
@@ -77,18 +67,12 @@ class NodeInfo:
 
 
 @dataclass
-class _Round:
-    server_round: int
-    chosen: list[int]
+class _Flight:
+    """The Flower side of one round: which node got which client's message (the policy is :class:`Round`)."""
+
+    round: Round
     sent: dict[int, int] = field(default_factory=dict)  # node id -> client
     messages: list[Message] = field(default_factory=list)  # the train messages (ids set by the grid on push)
-    failed: list[int] = field(default_factory=list)
-    reasons: dict[int, str] = field(default_factory=dict)
-    prior_prec: dict[int, dict[str, Any]] = field(default_factory=dict)
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-    updates: list[ClientUpdate] = field(default_factory=list)
-    up: int = 0
-    down: int = 0
 
 
 def _records(content: RecordDict) -> dict[str, dict[str, np.ndarray]]:
@@ -156,7 +140,7 @@ class FedBayesStrategy(Strategy):
         self.sizes = [len(p) for p in fed.parts]
         self.start_round = start_round
         self.rows: list[dict[str, Any]] = list(rows or [])
-        self._round: _Round | None = None
+        self._round: _Flight | None = None
         self.t_start = time.perf_counter()
         self.wall_before = float(self.rows[-1].get("wall_s", 0.0)) if self.rows else 0.0  # wall_s continues
 
@@ -286,81 +270,69 @@ class FedBayesStrategy(Strategy):
         if self.start_round > 1:
             log.info("fedbayes round %d of %d", server_round, self.exp.run.rounds)
         self.refresh_nodes(grid)
-        rule = self.fed.rule
-        rnd = _Round(server_round, participants(self.exp, server_round))
-        messages = []
-        for c in rnd.chosen:
-            task = rule.configure(c, server_round)
-            if rule.signed_sites:  # the reply is checked against the prior it answers (prior + site > 0)
-                rnd.prior_prec[c] = task.prior.prec
-            cfg = client_config(self.exp, rule, task, server_round, c)
-            recs = encode_task(task)
-            rnd.down += nbytes(recs)
+        flight = _Flight(Round(self.fed, server_round))
+        for c in flight.round.chosen:
             node = self.node_of.get(c)
-            if node is None or injected_failure(self.exp, server_round, c) is not None:
-                rnd.failed.append(c)  # no node for this partition, or fail-rate/straggler-rate drew it
+            job = flight.round.job(c, reachable=node is not None)  # no node for this partition: absent
+            if job is None or node is None:
                 continue
-            content = RecordDict({n: ArrayRecord({k: Array(v) for k, v in rec.items()}) for n, rec in recs.items()})
-            content[CONFIG_RECORD] = ConfigRecord(cfg)
+            content = RecordDict({n: ArrayRecord({k: Array(v) for k, v in rec.items()})
+                                  for n, rec in job.records.items()})
+            content[CONFIG_RECORD] = ConfigRecord(job.config)
             msg = Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
-            messages.append(msg)
-            rnd.sent[node] = c
-        rnd.messages = messages
-        self._round = rnd
-        return messages
+            flight.messages.append(msg)
+            flight.sent[node] = c
+        self._round = flight
+        return flight.messages
 
-    def _decode(self, rnd: _Round, reply: Message, node: int) -> ClientUpdate:
-        c = rnd.sent[node]
+    def _receive(self, flight: _Flight, reply: Message, node: int) -> None:
+        """Hand one reply to the round: a ClientApp error or a wrong partition-id fails the client, an error the
+        SuperLink makes for an unreachable node leaves it absent (like a timeout), anything else is decoded."""
+        rnd, c = flight.round, flight.sent[node]
         if reply.has_error():
-            raise InvalidReply(_error_reason(reply, node))
+            reason = _error_reason(reply, node)
+            if int(reply.metadata.src_node_id) == node:
+                rnd.fail(c, reason)  # the ClientApp failed (e.g. diverged)
+            else:
+                log.warning("round %d: dropped reply of client %d: %s", rnd.server_round, c, reason)
+            return
+        records = _records(reply.content)
+        rnd.up += nbytes(records)
         metrics: dict[str, Any] = dict(reply.content.metric_records.get(METRIC_RECORD, {}))
         said = metrics.get("partition-id")
         if said != c:
-            raise InvalidReply(f"reply says partition-id {said!r}, expected {c}")
+            rnd.fail(c, f"invalid reply: {InvalidReply(f'reply says partition-id {said!r}, expected {c}')}")
+            return
         names = list(self.fed.shapes)
-        records = {name: _ordered(rec, names) for name, rec in _records(reply.content).items()}
-        return decode_reply(records, metrics, client=c, shapes=self.fed.shapes, need_site=self.fed.rule.needs_site(),
-                            expected_examples=self.expected_examples(c), prior_prec=rnd.prior_prec.get(c))
+        rnd.receive(c, {name: _ordered(rec, names) for name, rec in records.items()}, metrics,
+                    expected_examples=self.expected_examples(c), counted=False)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply, then ``rule.aggregate`` over the valid ones in the order of S."""
+        """Hand every reply to the round (validated once there), then ``rule.aggregate`` in the order of S."""
         server_round = self.absolute(server_round)
-        rnd = self._round
-        if rnd is None or rnd.server_round != server_round:
+        flight = self._round
+        if flight is None or flight.round.server_round != server_round:
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train")
-        got: dict[int, ClientUpdate] = {}
         replied: set[int] = set()
         for reply in replies:
-            node = _addressee(reply, rnd.messages)
-            if node not in rnd.sent:
+            node = _addressee(reply, flight.messages)
+            if node not in flight.sent:
                 log.warning("round %d: reply from unexpected node %d ignored", server_round, node)
                 continue
-            c = rnd.sent[node]
+            c = flight.sent[node]
             if c in replied:
                 log.warning("round %d: second reply for client %d ignored", server_round, c)
                 continue
             replied.add(c)
-            if not reply.has_error():
-                rnd.up += nbytes(_records(reply.content))
-            try:
-                got[c] = self._decode(rnd, reply, node)
-            except InvalidReply as e:
-                log.warning("round %d: dropped reply of client %d: %s", server_round, c, e)
-                if not (reply.has_error() and int(reply.metadata.src_node_id) != node):
-                    rnd.reasons[c] = str(e)  # the ClientApp failed (e.g. diverged) or its reply was invalid
-                # else the node is unreachable (the SuperLink answered): an absent client, like a timeout
-        for c in rnd.sent.values():
+            self._receive(flight, reply, node)
+        for c in flight.sent.values():
             if c not in replied:
                 log.warning("round %d: no reply from client %d within round-timeout", server_round, c)
-        rnd.updates = [got[c] for c in rnd.chosen if c in got]
-        rnd.failed = [c for c in rnd.chosen if c not in got]
-        check_round(server_round, rnd.updates, rnd.reasons)
-        self.fed.rule.aggregate(server_round, rnd.updates)
-        rnd.diagnostics = round_diagnostics(self.fed.rule, rnd.updates, rnd.reasons)
-        losses = [u.metrics.get("train-loss", float("nan")) for u in rnd.updates]
-        metrics: dict[str, Any] = {"num-updates": len(rnd.updates), "num-failed": len(rnd.failed)}
+        updates = flight.round.aggregate()
+        losses = [u.metrics.get("train-loss", float("nan")) for u in updates]
+        metrics: dict[str, Any] = {"num-updates": len(updates), "num-failed": len(flight.round.failed)}
         if losses:
             metrics["train-loss"] = float(np.mean(losses))
         return arrays_of(self.fed.rule.global_mean()), MetricRecord(metrics)
@@ -380,30 +352,11 @@ class FedBayesStrategy(Strategy):
         server_round = self.absolute(server_round)
         if server_round == 0:
             return None  # the engine has no round-0 row
-        rnd = self._round
-        if rnd is None or rnd.server_round != server_round:
+        flight = self._round
+        if flight is None or flight.round.server_round != server_round:
             raise RuntimeError(f"evaluate({server_round}) without a trained round")
-        exp, fed = self.exp, self.fed
-        row: dict[str, Any] = {"round": server_round}
-        if server_round % exp.run.eval_every == 0 or server_round == exp.run.rounds:
-            x_ev, y_ev, prefix = fed.eval_data()  # the test set, or the validation set (eval-split): val_* keys
-            row.update(evaluate_global(fed.rule, fed.model, x_ev, y_ev, fed.data.task, exp, server_round,
-                                       fed.device, prefix))
-        losses = [u.metrics.get("train-loss", float("nan")) for u in rnd.updates]
-        row.update({
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "bytes_up": rnd.up, "bytes_down": rnd.down,
-            "participants": [u.client for u in rnd.updates], "failed": rnd.failed,
-            "train_s": float(sum(u.metrics.get("train-seconds", 0.0) for u in rnd.updates)),
-            "wall_s": self.wall_before + time.perf_counter() - self.t_start,
-        })
-        row.update(rnd.diagnostics)
-        self.rows.append(row)
-        if self.writer is not None:
-            self.writer.append_metrics(row)
-            post = fed.rule.global_posterior()
-            self.writer.write_posterior(fed.rule.global_mean(), fed.rule.floor(post) if post is not None else None)
-            self.writer.write_checkpoint(server_round, fed.rule.state_tensors(), self.rows)
+        row = flight.round.row(lambda: self.wall_before + time.perf_counter() - self.t_start)
+        record_round(self.writer, self.fed.rule, row, self.rows)
         shown = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         log.info("round %d: %s", server_round, ", ".join(f"{k}={v:.4g}" for k, v in shown.items() if k != "round"))
         return MetricRecord({k: float(v) for k, v in shown.items() if math.isfinite(float(v))})

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbayes.algorithms import REGISTRY
-from fedbayes.config import ConfigError, Experiment, RunConfig, resolve
+from fedbayes.config import ConfigError, RunConfig, resolve
 
 __all__ = [
     "AUTO",
@@ -221,7 +221,3 @@ def centralized_ivon_config(preset: Preset, seed: int, sets: dict[str, Any] | No
                 "clients-per-round": 1.0})
     cfg["seed"] = seed
     return cfg
-
-
-def check(exp_cfgs: list[dict[str, Any]]) -> list[Experiment]:
-    return [resolve(c) for c in exp_cfgs]

@@ -8,7 +8,7 @@ import pytest
 
 from fedbayes.algorithms import cosine_lr
 from fedbayes.config import ConfigError, resolve
-from fedbayes.engine import injected_failure, participants
+from fedbayes.rounds import injected_failure, participants
 
 
 def test_cosine_schedule_by_hand() -> None:

@@ -22,9 +22,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import app as client_app
 from client.task import node_spec
 from fedbayes.config import ConfigError, resolve
-from fedbayes.engine import Federation, client_config, run_experiment
+from fedbayes.engine import Federation, run_experiment
 from fedbayes.protocol import encode_task
 from fedbayes.results import read_metrics, read_posterior
+from fedbayes.rounds import client_config
 from server.app import main as server_main
 from server.runconfig import (
     DEMO_DEFAULTS,
@@ -166,7 +167,8 @@ def test_bad_reply_is_dropped_and_the_round_goes_on(tmp_path: Path, caplog: pyte
     with caplog.at_level("WARNING", logger="flwr"):
         server_main(grid, Context(1, 1, {}, RecordDict(), grid.contexts[node_of[0]].run_config))  # type: ignore[arg-type]
     # bayes-admm sites are signed: a reply is dropped when prior + site is not a proper precision
-    assert "dropped reply of client 1: record 'site.prec'" in caplog.text and "posterior precision" in caplog.text
+    assert "dropped reply of client 1: invalid reply: record 'site.prec'" in caplog.text
+    assert "posterior precision" in caplog.text
     assert "dropped reply of client 2: the ClientApp failed: boom" in caplog.text
     rows = read_metrics(tmp_path / "flower")
     assert rows[0]["participants"] == [0, 3] and rows[0]["failed"] == [1, 2]

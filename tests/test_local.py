@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from fedbayes.curvature import diag_ggn
 from fedbayes.gaussian import DiagGaussian
-from fedbayes.local import LocalSettings, diag_ggn, train_local
+from fedbayes.local import LocalSettings, train_local
 from fedbayes.models import build_model
 
 
@@ -140,7 +141,7 @@ def test_ivon_mode_learns_and_site_is_consistent() -> None:
 def test_fedavg_style_zero_prior_point_mode() -> None:
     x, y = _digits(200)
     model = build_model("logreg", 64, 10, seed=0)
-    prior = DiagGaussian.zeros_like(dict(model.named_parameters()))
+    prior = DiagGaussian.isotropic(dict(model.named_parameters()), 0.0)  # the flat factor: s = 0
     res = train_local(model, prior, x, y, LocalSettings(mode="adam", lr=0.05, epochs=5, batch_size=20))
     assert res.site is None and res.metrics["steps"] == 50
 
