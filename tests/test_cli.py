@@ -81,6 +81,10 @@ def test_compare_writes_table_and_plots(tmp_path: Path) -> None:
         assert float(r["test_accuracy_mean"]) > 0.3 and float(r["test_accuracy_std"]) >= 0.0  # chance: 0.1
         assert r["seeds"] == "2"
     assert rows[1]["bma_test_nll_mean"] != ""
+    # the reported prediction: the posterior average where there is one, else the mean
+    assert [r["prediction"] for r in rows] == ["mean", "posterior average", "mean", "posterior average"]
+    assert rows[1]["reported_test_nll_mean"] == rows[1]["bma_test_nll_mean"]
+    assert rows[0]["reported_test_nll_mean"] == rows[0]["test_nll_mean"]
     for png in ("accuracy.png", "nll.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| fedavg |" in (out / "table.md").read_text()
