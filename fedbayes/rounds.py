@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from fedbayes.algorithms import Algorithm, cosine_lr
 from fedbayes.algorithms.base import ClientTask, ClientUpdate
 from fedbayes.config import Experiment
+from fedbayes.gaussian import DiagGaussian
 from fedbayes.local import LocalSettings
 from fedbayes.metrics import evaluate_model
 from fedbayes.protocol import InvalidReply, Records, decode_reply, encode_task, nbytes, settings_to_config
@@ -49,6 +50,7 @@ __all__ = [
     "client_config",
     "client_seed",
     "evaluate_global",
+    "evaluate_posterior_on",
     "injected_failure",
     "participants",
     "record_round",
@@ -128,22 +130,32 @@ def client_config(exp: Experiment, rule: Algorithm, task: ClientTask, server_rou
     return cfg
 
 
-def evaluate_global(
-    rule: Algorithm, model: nn.Module, x: Tensor, y: Tensor, task: str, exp: Experiment, server_round: int,
-    device: str = "cpu", prefix: str = "test_",
+def evaluate_posterior_on(
+    model: nn.Module, mean: dict[str, Tensor], posterior: DiagGaussian | None, x: Tensor, y: Tensor, task: str,
+    exp: Experiment, server_round: int, device: str = "cpu", prefix: str = "test_",
 ) -> dict[str, float]:
-    """Metrics on (x, y) of the global mean (``{prefix}*``) and (Bayesian rules, ``bma-samples`` > 0) of the
-    posterior average (``bma_{prefix}*``, formed as ``bma-predictive`` and ``bma-scale`` say:
-    :mod:`fedbayes.predictive`); ``prefix`` is ``"test_"`` or ``"val_"`` (:meth:`Federation.eval_data`)."""
-    posterior = rule.global_posterior()
-    if posterior is not None:
-        posterior = rule.floor(posterior)
+    """The one evaluation: metrics on (x, y) of the prediction at ``mean`` (``{prefix}*``) and, given a
+    ``posterior`` and ``bma-samples`` > 0, of the posterior average (``bma_{prefix}*``, formed as
+    ``bma-predictive`` and ``bma-scale`` say: :mod:`fedbayes.predictive`), with the round's seed
+    (seed·7919 + round), so any two posteriors evaluated for the same round see the same noise."""
     return evaluate_model(
-        model, rule.global_mean(), x, y, task, posterior=posterior,
+        model, mean, x, y, task, posterior=posterior,
         samples=exp.run.bma_samples if posterior is not None else 0,
         noise_var=exp.run.noise_var or 1.0, seed=exp.run.seed * 7919 + server_round, device=device, prefix=prefix,
         predictive=exp.run.bma_predictive, scale=exp.run.bma_scale, logit_samples=exp.run.bma_logit_samples,
     )
+
+
+def evaluate_global(
+    rule: Algorithm, model: nn.Module, x: Tensor, y: Tensor, task: str, exp: Experiment, server_round: int,
+    device: str = "cpu", prefix: str = "test_",
+) -> dict[str, float]:
+    """:func:`evaluate_posterior_on` for the rule's global (its mean, and its posterior floored at ``min-prec``);
+    ``prefix`` is ``"test_"`` or ``"val_"`` (:meth:`Federation.eval_data`)."""
+    posterior = rule.global_posterior()
+    if posterior is not None:
+        posterior = rule.floor(posterior)
+    return evaluate_posterior_on(model, rule.global_mean(), posterior, x, y, task, exp, server_round, device, prefix)
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,9 @@ def _compare(clients: int, work: Path) -> dict[str, Any]:
 def _deployment(work: Path, rounds: int = 2) -> dict[str, Any]:
     from fedbayes.results import read_metrics
     from server.runconfig import overrides_toml, run_config_overrides
-    from simulations.flower_engine import LocalDeployment, flwr_run, project_root
+    from simulations.deployment import LocalDeployment
+    from simulations.flower_engine import project_root
+    from simulations.processes import flwr_run
 
     out = work / "deployment"
     flat = {**WORKLOAD, "num-clients": 3, "rounds": rounds, "eval-every": rounds}

@@ -226,12 +226,12 @@ def run_influence(
 ) -> dict[str, Any]:
     """Compute the influence table of ``run`` (a :class:`~fedbayes.whatif.LoadedRun`) and write its reports
     (influence.json/.csv/.md/.png, scatter.png when verified) into ``folder``."""
-    from fedbayes.whatif import ESTIMATORS, influence, retrain_without, write_json
+    from fedbayes.whatif import estimators, influence, retrain_without, write_json
 
     full = run.full_metrics()
     primary = _primary(full)
     rows = influence(run, estimator=estimator, fallback=fallback)
-    est_name = estimator or next(iter(ESTIMATORS[run.algorithm]))
+    est_name = estimator or estimators(run.algorithm)[0]
     if verify:
         for r in rows:
             keep = folder / "retrain" / f"without-{r['client']}" if keep_retrains else None
@@ -368,7 +368,7 @@ def cmd_whatif_bench(args: argparse.Namespace) -> int:
     """Base run per algorithm, then influence with retraining; JSON per algorithm and a summary."""
     from fedbayes.config import parse_sets
     from fedbayes.engine import run_experiment
-    from fedbayes.whatif import ESTIMATORS, load_run, write_json
+    from fedbayes.whatif import estimators, load_run, write_json
     from simulations.presets import load_preset
 
     preset = load_preset(args.preset)
@@ -385,7 +385,7 @@ def cmd_whatif_bench(args: argparse.Namespace) -> int:
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        extra = list(ESTIMATORS[algo])[1:]
+        extra = list(estimators(algo))[1:]
         info = run_influence(load_run(base), folder, verify=True, progress=not args.quiet, extra_estimators=extra)
         bench = {
             "preset": preset.name, "algorithm": algo, "sets": sets, "round": info["round"],

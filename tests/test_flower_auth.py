@@ -26,7 +26,9 @@ import pytest
 
 from fedbayes.results import read_metrics
 from server.runconfig import overrides_toml, run_config_overrides
-from simulations.flower_engine import LocalDeployment, alive, flower_env, flwr_run, make_supernode_key, project_root
+from simulations.deployment import LocalDeployment
+from simulations.flower_engine import project_root
+from simulations.processes import alive, flower_env, flwr_run, make_supernode_key
 from tests.test_flower_compose import _merge
 
 yaml = pytest.importorskip("yaml")

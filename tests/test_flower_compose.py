@@ -21,13 +21,13 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from server.runconfig import overrides_toml  # noqa: E402
-from simulations.flower_engine import (  # noqa: E402
+from simulations.flower_engine import project_root  # noqa: E402
+from simulations.processes import (  # noqa: E402
     Proc,
     alive,
     flower_env,
     flwr_run,
     free_port,
-    project_root,
     start_process,
     stop_process,
     write_flwr_home,

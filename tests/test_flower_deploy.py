@@ -18,7 +18,9 @@ import pytest
 
 from fedbayes.results import read_metrics
 from server.runconfig import overrides_toml, run_config_overrides
-from simulations.flower_engine import LocalDeployment, alive, flwr_run, project_root
+from simulations.deployment import LocalDeployment
+from simulations.flower_engine import project_root
+from simulations.processes import alive, flwr_run
 
 ROOT = project_root()
 NODES = [f"partition-id={i} num-partitions=3" for i in range(3)]

@@ -48,7 +48,9 @@ from fedbayes.engine import run_experiment
 from fedbayes.results import CheckpointError, read_metrics, read_posterior
 from server.app import main as server_main
 from server.runconfig import app_run_config, overrides_toml, run_config_overrides
-from simulations.flower_engine import LocalDeployment, alive, flwr_run, project_root, run_flower_simulation
+from simulations.deployment import LocalDeployment
+from simulations.flower_engine import project_root, run_flower_simulation
+from simulations.processes import alive, flwr_run
 
 ROOT = project_root()
 FLAT: dict[str, Any] = {"algorithm": "bayes-admm", "dataset": "digits", "num-clients": 3, "rounds": 3,

@@ -226,6 +226,16 @@ class Algorithm(ABC):
     """What ``fedbayes tune`` samples: flat kebab-case config keys -> ranges (:mod:`fedbayes.algorithms.space`);
     empty: the rule cannot be tuned.  Each module declares its own (a subclass does not inherit a meaningful one)."""
 
+    removal_estimators: ClassVar[tuple[str, ...]] = ()
+    """What-if (:mod:`fedbayes.whatif`): the names of this rule's estimators of a client's contribution to the
+    global posterior, the default first; empty: the rule keeps no per-client contribution (point rules)."""
+
+    def contributions(self, estimator: str) -> dict[int, DiagGaussian]:
+        """Each client's contribution ĝₖ to the global posterior (by slot), so that λ₋S = λ − Σ_{k∈S} ĝₖ
+        answers "without the clients S" (:func:`fedbayes.whatif.posterior_without`).  Rules that keep
+        contributions override this and list their estimators in ``removal_estimators``."""
+        raise NotImplementedError(f"'{self.name}' keeps no per-client contributions")
+
     def __init__(
         self,
         template: Mapping[str, Tensor],

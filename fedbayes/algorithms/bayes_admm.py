@@ -92,6 +92,7 @@ class BayesADMM(Algorithm):
     Config = BayesADMMConfig
     config: BayesADMMConfig
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "ivon"}
+    removal_estimators: ClassVar[tuple[str, ...]] = ("corrected-dual", "dual")
 
     @property
     def rho(self) -> float:
@@ -171,3 +172,25 @@ class BayesADMM(Algorithm):
         new = mean_post.scale(1 - a) + (lam0 + dual_sum).scale(a)
         self.count_guard("min-prec", sum(int((v < self.config.min_prec).sum()) for v in new.prec.values()))
         self.server.update(gaussian_to("global", self.floor(new)))
+
+    def contributions(self, estimator: str) -> dict[int, DiagGaussian]:
+        """``corrected-dual`` (default): ĝₖ = λ̂ₖ + (1 − γ)ρ(λₖ − λ̄); ``dual``: ĝₖ = λ̂ₖ.
+
+        At the ADMM fixed point the dual plays the role of the site (λ̄ = λ₀ + Σₖ λ̂ₖ); off it, the damped
+        dual lags the client's data term by (1 − γ)ρ(λₖ − λ̄⁻), which ``corrected-dual`` adds back with the
+        stored global in place of λ̄⁻ (exact for γ = 1 or a stationary global; :mod:`fedbayes.whatif`)."""
+        if estimator not in self.removal_estimators:
+            raise ValueError(f"unknown estimator '{estimator}' for {self.name}; valid: {list(self.removal_estimators)}")
+        rho, gamma = self.rho, self.config.damping
+        glob = self.global_posterior()
+        out: dict[int, DiagGaussian] = {}
+        for c in self.store.clients():
+            d = self.store.get_all(c)
+            dual = gaussian_from("dual", d, self.names)
+            if dual is None:
+                continue
+            post = gaussian_from("post", d, self.names)
+            if estimator == "corrected-dual" and post is not None and gamma < 1.0:
+                dual = dual + (post - glob).scale((1.0 - gamma) * rho)
+            out[c] = dual
+        return out

@@ -42,6 +42,7 @@ class SiteRule(Algorithm):
     Config: ClassVar[type[AlgorithmConfig]] = SiteConfig
     config: SiteConfig
     warm_start_prec: ClassVar[bool] = False
+    removal_estimators: ClassVar[tuple[str, ...]] = ("site",)
 
     @property
     def rho(self) -> float:
@@ -78,3 +79,15 @@ class SiteRule(Algorithm):
             self.store.put_all(u.client, gaussian_to("site", old.scale(1 - rho) + new.scale(rho)))
         glob = self.prior0(self.config.prior_prec) + self.sum_over_clients("site")
         self.server.update(gaussian_to("global", glob))
+
+    def contributions(self, estimator: str) -> dict[int, DiagGaussian]:
+        """``site``: ĝₖ = λ̃ₖ, the stored (damped) site.  The server keeps λ = λ₀ + Σₖ λ̃ₖ over all K (stale sites
+        included), so λ₋S = λ₀ + Σ_{k∉S} λ̃ₖ up to rounding; site precisions are ≥ 0 (checked on the wire)."""
+        if estimator != "site":
+            raise ValueError(f"unknown estimator '{estimator}' for {self.name}; valid: {list(self.removal_estimators)}")
+        out: dict[int, DiagGaussian] = {}
+        for c in self.store.clients():
+            g = gaussian_from("site", self.store.get_all(c), self.names)
+            if g is not None:
+                out[c] = g
+        return out
