@@ -288,8 +288,9 @@ def test_garbage_node_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     grid.contexts[107].node_config["fault"] = "garbage"  # partition 1
     with caplog.at_level("WARNING", logger="flwr"):
         server_main(grid, Context(1, 1, {}, RecordDict(), rc))  # type: ignore[arg-type]
-    assert "round 1: dropped reply of client 1: record 'site.eta'" in caplog.text and "has NaN or Inf" in caplog.text
-    assert "round 2: dropped reply of client 1: record 'site.eta'" in caplog.text and "has shape" in caplog.text
+    assert "round 1: dropped reply of client 1: invalid reply: record 'site.eta'" in caplog.text
+    assert "round 2: dropped reply of client 1: invalid reply: record 'site.eta'" in caplog.text
+    assert "has NaN or Inf" in caplog.text and "has shape" in caplog.text
     rows = read_metrics(tmp_path / "flower")
     assert [(r["participants"], r["failed"]) for r in rows] == [([0, 2], [1])] * 2
     engine(flat, tmp_path / "engine", fail=lambda r, c: c == 1)
