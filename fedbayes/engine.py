@@ -29,7 +29,8 @@ from fedbayes.data import Dataset, load_dataset, partition, pool, split_summary
 from fedbayes.data.validation import ValidationSet, split_validation
 from fedbayes.models import build_model
 from fedbayes.protocol import execute
-from fedbayes.results import ResultsWriter, atomic_write_bytes, load_checkpoint
+from fedbayes.results import ResultsWriter, atomic_write_bytes
+from fedbayes.resume import load_resume, prepare_folder
 from fedbayes.rounds import Round, record_round
 
 __all__ = ["Federation", "client_parts", "resolve_device", "run_experiment", "run_rounds"]
@@ -176,7 +177,8 @@ def run_experiment(
     out_dir
         The results folder (None: keep nothing on disk).
     resume
-        Continue from ``out_dir/checkpoint`` (its config wins; ``exp.rounds`` may extend the run).
+        Continue from ``out_dir/checkpoint`` (:mod:`fedbayes.resume`: its config wins; ``exp.rounds`` may extend
+        the run).
     on_round
         Called with each round's metrics row once the round is recorded; an exception it raises (e.g.
         ``optuna.TrialPruned`` from ``fedbayes tune``) stops the run and propagates.
@@ -189,23 +191,18 @@ def run_experiment(
         exp = resolve(exp)
     out = Path(out_dir) if out_dir is not None else None
     start_round, rows = 1, []
-    state = None
+    cont = None
     if resume:
         if out is None:
             raise ValueError("resume needs the run folder")
-        meta, state = load_checkpoint(out)
-        saved = resolve(meta["config"])
-        exp = resolve({**saved.to_flat(), "rounds": max(exp.run.rounds, saved.run.rounds)})
-        start_round, rows = int(meta["round"]) + 1, list(meta["metrics"])
+        cont = load_resume(out, rounds=exp.run.rounds)  # the checkpoint's config, extended to exp's rounds
+        exp, start_round, rows = cont.exp, cont.start_round, list(cont.rows)
     fed = Federation.build(exp, out, data_dir)
-    if state is not None:
-        fed.rule.load_state_tensors(state)
-    writer = ResultsWriter(out, exp.to_flat(), resume=resume) if out is not None else None
-    if writer is not None and resume:
-        writer.rewrite_metrics(rows)
-        writer.config = exp.to_flat()
-        assert out is not None
-        (out / "config.json").write_text(json.dumps(writer.config, indent=2) + "\n")
+    if cont is not None:
+        fed.rule.load_state_tensors(cont.state)
+    writer = None
+    if out is not None:
+        writer = prepare_folder(cont) if cont is not None else ResultsWriter(out, exp.to_flat())
     if out is not None:
         fed.write_split(out)
     log.info("%s: %s", exp.run.dataset, split_summary(fed.parts, fed.data.y_train))

@@ -7,7 +7,7 @@ by :func:`fedbayes.config.resolve` before anything else happens: a bad key stops
 it, and the results folder of an earlier run is not touched.  The folder is written only once the nodes are
 bound, with the in-process engine's layout (config.json, metrics.jsonl, posterior.safetensors, checkpoint/).
 
-``resume-from = "<folder>"`` continues the run whose checkpoint is in that folder (:mod:`server.resume`): the
+``resume-from = "<folder>"`` continues the run whose checkpoint is in that folder (:mod:`fedbayes.resume`): the
 checkpoint and the run config are verified first (a damaged checkpoint or another experiment's config stops
 the run with a clear error and leaves the folder as it was), then the rule's state is restored and the run
 goes on from the checkpoint's round + 1 to ``rounds``, appending to that folder's metrics.
@@ -44,7 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     """
     from fedbayes.engine import Federation
     from fedbayes.results import CheckpointError, ResultsWriter
-    from server.resume import load_resume, prepare_folder
+    from fedbayes.resume import load_resume, prepare_folder
     from server.runconfig import experiment_from_run_config
     from server.strategy import FedBayesStrategy, arrays_of
 

@@ -25,7 +25,7 @@ its messages come back as errors at once, and once it leaves ``grid.get_node_ids
 failed without a message.  (Without a deadline a round waits for every reply.)
 
 **Resume.** Flower's ``Strategy.start`` always counts rounds from 1.  A resumed run
-(:mod:`server.resume`) passes ``start_round`` = the checkpoint's round + 1, and every method maps Flower's round
+(:mod:`fedbayes.resume`) passes ``start_round`` = the checkpoint's round + 1, and every method maps Flower's round
 ``i`` to the absolute round ``start_round + i - 1`` before it does anything, so seeds, participants, injected
 failures and the learning-rate schedule are those of the uninterrupted run.
 """

@@ -59,13 +59,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.engine == "flower":
-            from fedbayes.config import load_config_file
+            from fedbayes.resume import load_resume
             from simulations.flower_engine import run_flower_simulation
 
-            saved = load_config_file(Path(args.resume) / "config.json")
-            if args.rounds:
-                saved["rounds"] = max(int(saved.get("rounds", 1)), args.rounds)
-            rows = run_flower_simulation(saved, Path(args.resume), num_supernodes=int(saved.get("num-clients", 10)),
+            # the checkpoint (verified here, before Flower starts) says what the run is; the ServerApp checks again
+            saved = load_resume(Path(args.resume), rounds=args.rounds).exp.to_flat()
+            rows = run_flower_simulation(saved, Path(args.resume), num_supernodes=int(saved["num-clients"]),
                                          num_cpus=args.client_cpus, num_gpus=args.client_gpus, resume=True)
         else:
             rows = run_experiment({"rounds": args.rounds or 1}, args.resume, resume=True, progress=not args.quiet)

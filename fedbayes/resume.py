@@ -1,12 +1,14 @@
-"""Resume a Flower run from a results folder's checkpoint (run-config key ``resume-from``).
+"""Resume a run from its results folder's checkpoint: the one implementation for every engine.
 
-The ServerApp of a resumed run continues exactly where the checkpoint stopped, as
-``fedbayes.engine.run_experiment(..., resume=True)`` does in process, so a run resumed by either engine ends
-bit-identical to an uninterrupted one (every seed, the participants and the learning-rate schedule are functions
-of the absolute round):
+The in-process engine (``fedbayes run --resume``, :func:`fedbayes.engine.run_experiment` with ``resume=True``)
+and the ServerApp (run-config key ``resume-from``, also what ``fedbayes run --resume --engine flower`` sets)
+continue exactly where the checkpoint stopped, so a run resumed by either engine ends bit-identical to an
+uninterrupted one (every seed, the participants and the learning-rate schedule are functions of the absolute
+round):
 
-* :func:`load_resume` reads and verifies ``<folder>/checkpoint`` (:func:`fedbayes.results.load_checkpoint`) and
-  compares the run config with the checkpoint's config, **before anything is written**: a missing, truncated or
+* :func:`load_resume` reads and verifies ``<folder>/checkpoint`` (:func:`fedbayes.results.load_checkpoint`) and,
+  given the experiment a run config describes (Flower), compares it with the checkpoint's config, **before
+  anything is written**: a missing, truncated or
   corrupted checkpoint raises :class:`fedbayes.results.CheckpointError`, a run config that describes another
   experiment raises :class:`fedbayes.config.ConfigError` naming the keys; the folder is left as it was.
 * Only :data:`MAY_CHANGE` may differ: ``rounds`` (the run may be extended; the larger of the run config's and the
@@ -72,15 +74,18 @@ def _fail(folder: Path, why: str) -> CheckpointError:
     return CheckpointError(f"cannot resume from {folder}: {why}. Nothing was written; the folder is as it was")
 
 
-def load_resume(folder: Path, exp: Experiment) -> Resume:
+def load_resume(folder: Path, exp: Experiment | None = None, *, rounds: int | None = None) -> Resume:
     """Read and verify ``folder/checkpoint`` and check ``exp`` (from the run config) against it.
 
     Parameters
     ----------
     folder
-        The ``resume-from`` results folder.
+        The results folder of the run to continue.
     exp
-        The experiment the run config describes.
+        The experiment a run config describes (the ServerApp's ``resume-from``): it must equal the checkpoint's
+        but for :data:`MAY_CHANGE`.  None (the in-process engine, the CLI): the checkpoint's config is the run.
+    rounds
+        With ``exp`` None: extend the run to this many rounds (the larger of it and the checkpoint's count).
 
     Raises
     ------
@@ -109,7 +114,11 @@ def load_resume(folder: Path, exp: Experiment) -> Resume:
         saved = resolve(meta["config"])
     except ConfigError as e:
         raise _fail(folder, f"its config is not valid: {e}") from None
-    want, have = exp.to_flat(), saved.to_flat()
+    have = saved.to_flat()
+    if exp is None:
+        total = max(int(rounds or 0), saved.run.rounds)
+        return Resume(folder, resolve({**have, "rounds": total}), done, [dict(r) for r in rows], state)
+    want = exp.to_flat()
     differ = sorted(k for k in set(want) | set(have) if k not in MAY_CHANGE and want.get(k) != have.get(k))
     if differ:
         shown = ", ".join(f"{k}={want.get(k)!r} (checkpoint: {have.get(k)!r})" for k in differ)
