@@ -213,13 +213,12 @@ def _build(exp: Experiment, spec: NodeSpec, opts: FlowerOptions) -> LocalData:
     import torch
 
     from fedbayes.config import resolve
-    from fedbayes.engine import Federation, make_model
+    from fedbayes.engine import make_model, one_client
 
     cpu_exp = resolve({**exp.to_flat(), "device": "cpu", "store": "memory"})  # the device is chosen per call
-    if spec.data_path is None:
-        fed = Federation.build(cpu_exp, data_dir=opts.data_dir)
-        x, y = fed.client_data[spec.partition_id]
-        return LocalData(fed.model, x, y, "partition")
+    if spec.data_path is None:  # only this partition's tensors (no other client's, no server rule)
+        model, x, y = one_client(cpu_exp, spec.partition_id, opts.data_dir)
+        return LocalData(model, x, y, "partition")
     from fedbayes.data import Dataset
     from fedbayes.data.datasets import get_spec
 

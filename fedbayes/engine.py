@@ -33,7 +33,9 @@ from fedbayes.results import ResultsWriter, atomic_write_bytes
 from fedbayes.resume import load_resume, prepare_folder
 from fedbayes.rounds import Round, record_round
 
-__all__ = ["Federation", "client_parts", "resolve_device", "run_experiment", "run_rounds"]
+__all__ = [
+    "Federation", "client_parts", "load_partitioned", "one_client", "resolve_device", "run_experiment", "run_rounds",
+]
 
 log = logging.getLogger("fedbayes")
 
@@ -67,13 +69,7 @@ class Federation:
     @staticmethod
     def build(exp: Experiment, out_dir: Path | None = None, data_dir: Path | None = None) -> Federation:
         run = exp.run
-        data = load_dataset(run.dataset, data_dir=data_dir, train_fraction=run.train_fraction, seed=run.seed,
-                            raw_pixels=run.raw_pixels, keep_rest=run.validation_fraction > 0)
-        parts = client_parts(exp, data)
-        validation = None
-        if run.validation_fraction > 0:  # from the examples no client holds, else held out before partitioning
-            data, parts, validation = split_validation(data, parts, run.validation_fraction, run.seed,
-                                                       lambda d: client_parts(exp, d))
+        data, parts, validation = load_partitioned(exp, data_dir)
         model = make_model(exp, data)
         store = DiskStore(out_dir / "client-state") if (run.store == "disk" and out_dir is not None) else None
         template = {k: v.detach() for k, v in model.named_parameters()}
@@ -113,6 +109,32 @@ class Federation:
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.model.named_parameters()}
+
+
+def load_partitioned(exp: Experiment, data_dir: Path | None = None
+                     ) -> tuple[Dataset, list[np.ndarray], ValidationSet | None]:
+    """The run's dataset, its clients' index arrays and its validation set (``validation-fraction`` > 0: from
+    the examples no client holds, else held out before partitioning; :mod:`fedbayes.data.validation`)."""
+    run = exp.run
+    data = load_dataset(run.dataset, data_dir=data_dir, train_fraction=run.train_fraction, seed=run.seed,
+                        raw_pixels=run.raw_pixels, keep_rest=run.validation_fraction > 0)
+    parts = client_parts(exp, data)
+    validation = None
+    if run.validation_fraction > 0:
+        data, parts, validation = split_validation(data, parts, run.validation_fraction, run.seed,
+                                                   lambda d: client_parts(exp, d))
+    return data, parts, validation
+
+
+def one_client(exp: Experiment, client: int, data_dir: Path | None = None) -> tuple[nn.Module, Tensor, Tensor]:
+    """Client ``client``'s model and data exactly as :meth:`Federation.build` gives them, without the other
+    clients' tensors or a server rule: what a ClientApp needs."""
+    data, parts, _ = load_partitioned(exp, data_dir)
+    if not 0 <= client < len(parts):
+        raise ValueError(f"partition-id {client} out of range [0, {len(parts)})")
+    ydt = torch.long if data.task == "classification" else torch.float32
+    idx = parts[client]
+    return make_model(exp, data), torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]).to(ydt)
 
 
 def client_parts(exp: Experiment, data: Dataset) -> list[np.ndarray]:

@@ -233,3 +233,21 @@ def test_a_round_in_which_every_client_diverges_stops_the_run(tmp_path: Path, mo
         run_experiment(config("fedavg", epochs=1), out_dir=tmp_path / "all", progress=False)
     rows = read_rows(tmp_path / "all")
     assert [r["round"] for r in rows] == [1]  # round 1's results stay on disk
+
+
+def test_one_client_is_the_federations_client() -> None:
+    """What a ClientApp builds (only its partition, no rule) equals that client of the full federation, with a
+    validation hold-out too (the hold-out changes the partition)."""
+    from fedbayes.config import resolve
+    from fedbayes.engine import Federation, one_client
+
+    for extra in ({}, {"validation-fraction": 0.2}):
+        exp = resolve({**config("fedavg"), **extra})
+        fed = Federation.build(exp)
+        for c in (0, 3):
+            model, x, y = one_client(exp, c)
+            assert torch.equal(x, fed.client_data[c][0]) and torch.equal(y, fed.client_data[c][1])
+            for (k, a), (_, b) in zip(model.named_parameters(), fed.model.named_parameters(), strict=True):
+                assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="partition-id 9 out of range"):
+        one_client(exp, 9)
