@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_algorithms import as_nat, close, flat, gauss, params, t  # the toy model's helpers (w: (2,), b: (1,))
 
 from fedbayes.algorithms import Algorithm, ClientUpdate
 from fedbayes.algorithms.base import gaussian_to, params_to
@@ -22,7 +23,6 @@ from fedbayes.algorithms.feddyn import FedDyn
 from fedbayes.algorithms.fedlap import FedLap
 from fedbayes.algorithms.fedlap_cov import FedLapCov
 from fedbayes.algorithms.pvi import PVI
-from fedbayes.gaussian import DiagGaussian
 
 F64 = torch.float64
 K = 4
@@ -31,33 +31,8 @@ OUT = 1  # the excluded client
 INIT = (0.5, -1.0, 2.0)
 
 
-def t(*vals: float) -> torch.Tensor:
-    return torch.tensor(vals, dtype=F64)
-
-
-def params(v: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"w": v[:2].clone(), "b": v[2:].clone()}
-
-
-def flat(p: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p["w"].reshape(-1), p["b"].reshape(-1)]).to(F64)
-
-
-def gauss(g: torch.Tensor) -> DiagGaussian:
-    return DiagGaussian(params(g[0]), params(g[1]))
-
-
-def as_nat(g: DiagGaussian | None) -> torch.Tensor:
-    assert g is not None
-    return torch.stack([flat(g.eta), flat(g.prec)])
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
-
-
 def make(cls: type[Algorithm], **cfg: Any) -> Algorithm:
-    return cls(params(t(*INIT)), K, cls.Config(**cfg), active=ACTIVE)
+    return cls(params(INIT), K, cls.Config(**cfg), active=ACTIVE)
 
 
 SA = torch.stack([t(1.0, -2.0, 0.5), t(4.0, 1.0, 2.0)])
