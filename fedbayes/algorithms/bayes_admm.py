@@ -151,7 +151,6 @@ class BayesADMM(Algorithm):
         glob = self.global_posterior()
         lam0 = self.prior0(self.config.prior_prec)
         for u in updates:
-            self.check_update(u, need_site=True)
             assert u.site is not None
             post = self._prior_for(u.client) + u.site.to(dtype=glob.dtype)  # λₖ = πₖ + λ̃ₖ
             # > 0 by construction (IVON's ess·(h + δ)) and checked on arrival in float32; guard float64 round-off

@@ -72,7 +72,6 @@ class SiteRule(Algorithm):
         self.check_updates(updates)  # FIX: validate all replies before touching state (base.check_updates)
         rho = self.rho
         for u in updates:
-            self.check_update(u, need_site=True)
             assert u.site is not None
             new = u.site.to(dtype=torch.float64)
             old = self.client_site(u.client)
