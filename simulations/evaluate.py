@@ -46,12 +46,22 @@ class SavedRun:
     last_round: int
 
     @staticmethod
-    def load(run_dir: str | Path, data_dir: Path | None = None) -> SavedRun:
+    def load(run_dir: str | Path, data_dir: Path | None = None, validation_fraction: float | None = None
+             ) -> SavedRun:
+        """``validation_fraction``: give a run trained without a validation set one, drawn by the rule of
+        :mod:`fedbayes.data.validation` from the training-file examples no client holds (refused when that would
+        hold examples out of the clients' data: the posterior was trained on them)."""
         path = Path(run_dir)
         if not (path / "posterior.safetensors").exists():
             raise ValueError(f"{path} has no posterior.safetensors (not a finished run folder)")
-        exp = resolve(load_config_file(path / "config.json"))
+        flat = load_config_file(path / "config.json")
+        if validation_fraction is not None:
+            flat = {**flat, "validation-fraction": validation_fraction}
+        exp = resolve(flat)
         fed = Federation.build(exp, None, data_dir)
+        if validation_fraction is not None and fed.validation is not None and fed.validation.source != "unused":
+            raise ConfigError(f"{path}: too few training examples are unused for validation-fraction "
+                              f"{validation_fraction}; a hold-out would take examples the run trained on")
         saved = read_posterior(path)
         names = list(dict(fed.model.named_parameters()))
         mean = {k: saved[f"mean/{k}"].double() for k in names}
@@ -90,14 +100,14 @@ class SavedRun:
 
 def evaluate_run(
     run_dir: str | Path, sets: Mapping[str, Any] | None = None, split: str | None = None,
-    data_dir: Path | None = None,
+    data_dir: Path | None = None, validation_fraction: float | None = None,
 ) -> dict[str, float]:
     """Metrics of a finished run's saved posterior on ``split`` with its prediction settings changed by ``sets``."""
-    return SavedRun.load(run_dir, data_dir).evaluate(sets, split)
+    return SavedRun.load(run_dir, data_dir, validation_fraction).evaluate(sets, split)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    res = evaluate_run(args.run, parse_sets(args.set), args.split)
+    res = evaluate_run(args.run, parse_sets(args.set), args.split, validation_fraction=args.validation_fraction)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -107,4 +117,6 @@ def add_subparsers(sub: Any) -> None:
     e.add_argument("run", help="the run folder (config.json, posterior.safetensors)")
     e.add_argument("--split", choices=["validation", "test"], help="default: the run's eval-split")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"one of {', '.join(EVAL_KEYS)} (repeatable)")
+    e.add_argument("--validation-fraction", type=float, default=None,
+                   help="a validation set for a run trained without one (from unused training examples only)")
     e.set_defaults(fn=cmd_evaluate)

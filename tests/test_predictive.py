@@ -169,3 +169,23 @@ def test_classification_metrics_of_linearized_probs_are_valid() -> None:
     assert none is None and p.shape == (20, 3)
     torch.testing.assert_close(p.sum(1), torch.ones(20, dtype=p.dtype))
     classification_metrics(p, torch.zeros(20, dtype=torch.long))
+
+
+def test_evaluate_gives_a_run_without_one_a_validation_set_from_unused_examples(tmp_path: Path) -> None:
+    """``fedbayes evaluate --validation-fraction``: a run trained without a validation set is evaluated on one drawn
+    from the examples no client holds (the same rows a run trained with that fraction would have); refused when
+    only a hold-out out of the clients' data is possible."""
+    from fedbayes.config import ConfigError, resolve
+    from fedbayes.engine import Federation, run_experiment
+    from simulations.evaluate import evaluate_run
+
+    flat = {"dataset": "digits", "algorithm": "pvi", "num-clients": 3, "rounds": 1, "hidden": "8", "epochs": 1,
+            "train-fraction": 0.5, "bma-samples": 2}
+    run_experiment(flat, tmp_path / "a", progress=False)
+    res = evaluate_run(tmp_path / "a", split="validation", validation_fraction=0.3)
+    fed = Federation.build(resolve({**flat, "validation-fraction": 0.3}))
+    assert fed.validation is not None and "val_accuracy" in res and "bma_val_nll" in res
+    full = {**flat, "train-fraction": 1.0}
+    run_experiment(full, tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="a hold-out would take examples the run trained on"):
+        evaluate_run(tmp_path / "b", split="validation", validation_fraction=0.3)
