@@ -92,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedbayes.config import parse_sets
-    from simulations.compare import run_grid, summarize
+    from simulations.compare import reported_predictions, run_grid, summarize
     from simulations.presets import load_preset
 
     preset = load_preset(args.preset)
@@ -105,7 +105,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     folders = run_grid(preset, algos, seeds, out, sets=sets, jobs=args.jobs, centralized=not args.no_centralized,
                        progress=not args.quiet)
-    res = summarize(folders, out, title=f"{preset.name}: {preset.description}")
+    res = summarize(folders, out, title=f"{preset.name}: {preset.description}",
+                    reported=reported_predictions(preset, list(folders), sets))
     print(Path(res["md"]).read_text())
     print(f"[fedbayes] table: {res['md']} and {res['csv']}; plots: {', '.join(str(p) for p in res['plots'])}")
     return 0

@@ -85,6 +85,12 @@ def test_compare_writes_table_and_plots(tmp_path: Path) -> None:
     assert [r["prediction"] for r in rows] == ["mean", "posterior average", "mean", "posterior average"]
     assert rows[1]["reported_test_nll_mean"] == rows[1]["bma_test_nll_mean"]
     assert rows[0]["reported_test_nll_mean"] == rows[0]["test_nll_mean"]
+    # a rule whose preset says reported-prediction = "mean" is reported at its mean (runs reused, nothing retrained)
+    from simulations.compare import aggregate_runs
+
+    folders = {"pvi": [out / "pvi" / "seed-0", out / "pvi" / "seed-1"]}
+    [pvi] = aggregate_runs(folders, {"pvi": "mean"})
+    assert pvi["prediction"] == "mean" and pvi["reported_test_nll_mean"] == pvi["test_nll_mean"]
     for png in ("accuracy.png", "nll.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| fedavg |" in (out / "table.md").read_text()
