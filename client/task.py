@@ -8,8 +8,10 @@ deployment passes ``--node-config "partition-id=0 num-partitions=3"``); the Flow
 
 **Data.** Either the node config names ``data-path``, the client's own ``.npz`` file with ``x`` (N examples,
 any shape after the first axis, flattened to N x D, float) and ``y`` (N labels: integers 0..C-1 for
-classification, floats for regression), or the client rebuilds partition ``partition-id`` of the run config's
-dataset exactly as the in-process engine does (:meth:`fedbayes.engine.Federation.build`).  Both are cached per
+classification, floats for regression), or the client rebuilds partition ``partition-id`` (and nothing else) of the
+run's dataset exactly as the in-process engine does (:func:`fedbayes.engine.one_client`).  The run's configuration
+is the one the ServerApp resolved, carried by every message (:mod:`client.records`), so a client reads no presets
+and resolves it once per process; of Flower's run config it reads only ``data-dir``.  Model and data are cached per
 process, so a simulation actor loads them once per run.
 
 **Device.** Node config ``device`` (auto|cpu|cuda) wins over the run config's ``device``.
@@ -33,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch import Tensor, nn
 
+from client.records import CONFIG_RECORD, EXPERIMENT_KEY, METRIC_RECORD, content_of, records_of
 from fedbayes.config import Experiment
-from server.runconfig import FlowerOptions, experiment_from_run_config
 
 __all__ = [
     "DEVICES",
@@ -52,13 +54,9 @@ __all__ = [
     "local_data",
     "node_fault",
     "node_spec",
-    "records_from_content",
-    "reply_content",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
-CONFIG_RECORD = "config"
-METRIC_RECORD = "metrics"
 FAULTS = ("garbage",)
 """Values of node config ``fault`` (honoured only with :data:`FAULTS_ENV` = 1)."""
 FAULTS_ENV = "FEDBAYES_TEST_FAULTS"
@@ -198,26 +196,26 @@ _lock = threading.Lock()
 _cache: dict[str, LocalData] = {}
 
 
-def _data_key(exp: Experiment, spec: NodeSpec, opts: FlowerOptions) -> str:
+def _data_key(exp: Experiment, spec: NodeSpec, data_dir: Path | None) -> str:
     flat = exp.to_flat()
     flat.pop("device", None)
     if spec.data_path is not None:
         st = spec.data_path.stat() if spec.data_path.exists() else None
         src = ["file", str(spec.data_path.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0]
     else:
-        src = ["partition", spec.partition_id, str(opts.data_dir)]
+        src = ["partition", spec.partition_id, str(data_dir)]
     return json.dumps([flat, src], sort_keys=True, default=str)
 
 
-def _build(exp: Experiment, spec: NodeSpec, opts: FlowerOptions) -> LocalData:
+def _build(exp: Experiment, spec: NodeSpec, data_dir: Path | None) -> LocalData:
     import torch
 
-    from fedbayes.config import resolve
     from fedbayes.engine import make_model, one_client
 
-    cpu_exp = resolve({**exp.to_flat(), "device": "cpu", "store": "memory"})  # the device is chosen per call
+    # the device is chosen per call (a valid change of two validated keys: no second resolve)
+    cpu_exp = Experiment(exp.run.model_copy(update={"device": "cpu", "store": "memory"}), exp.algo)
     if spec.data_path is None:  # only this partition's tensors (no other client's, no server rule)
-        model, x, y = one_client(cpu_exp, spec.partition_id, opts.data_dir)
+        model, x, y = one_client(cpu_exp, spec.partition_id, data_dir)
         return LocalData(model, x, y, "partition")
     from fedbayes.data import Dataset
     from fedbayes.data.datasets import get_spec
@@ -230,41 +228,68 @@ def _build(exp: Experiment, spec: NodeSpec, opts: FlowerOptions) -> LocalData:
     return LocalData(make_model(cpu_exp, ds), torch.from_numpy(x_np), torch.from_numpy(y_np).to(ydt), "file")
 
 
-def local_data(exp: Experiment, spec: NodeSpec, opts: FlowerOptions) -> LocalData:
+def local_data(exp: Experiment, spec: NodeSpec, data_dir: Path | None) -> LocalData:
     """This node's model and data, built once per process and run config."""
-    key = _data_key(exp, spec, opts)
+    key = _data_key(exp, spec, data_dir)
     with _lock:
         if key not in _cache:
             if len(_cache) >= 8:
                 _cache.pop(next(iter(_cache)))
-            _cache[key] = _build(exp, spec, opts)
+            _cache[key] = _build(exp, spec, data_dir)
         return _cache[key]
 
 
 # ------------------------------------------------------------------------------------------- messages
-def records_from_content(content: RecordDict) -> dict[str, dict[str, np.ndarray]]:
-    """Flower ``ArrayRecord``s -> the wire format of :mod:`fedbayes.protocol` (``{record: {param: array}}``)."""
-    return {name: {k: arr.numpy() for k, arr in rec.items()} for name, rec in content.array_records.items()}
+_experiments: dict[str, Experiment] = {}
 
 
-def reply_content(records: Mapping[str, Mapping[str, np.ndarray]], metrics: Mapping[str, Any]) -> RecordDict:
-    """The wire format -> a ``RecordDict`` of ``ArrayRecord``s plus the ``metrics`` ``MetricRecord``."""
-    rd = RecordDict()
-    for name, rec in records.items():
-        rd[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in rec.items()})
-    rd[METRIC_RECORD] = MetricRecord(dict(metrics))
-    return rd
+def message_config(msg: Message) -> dict[str, Any]:
+    """The message's ``config`` record (``ValueError`` if it has none)."""
+    if CONFIG_RECORD not in msg.content.config_records:
+        raise ValueError(f"message lacks the '{CONFIG_RECORD}' ConfigRecord (has {sorted(msg.content)})")
+    return dict(msg.content.config_records[CONFIG_RECORD])
 
 
-def _setup(context: Context) -> tuple[Experiment, NodeSpec, FlowerOptions]:
-    exp, opts = experiment_from_run_config(context.run_config)
-    return exp, node_spec(context.node_config, exp.run.num_clients), opts
+def message_experiment(config: Mapping[str, Any]) -> Experiment:
+    """The run's configuration as the ServerApp resolved it (:data:`client.records.EXPERIMENT_KEY`), resolved
+    once per process and config; ``ValueError`` (a ``ConfigError``) naming the problem."""
+    from fedbayes.config import ConfigError, resolve
+
+    text = config.get(EXPERIMENT_KEY)
+    if not isinstance(text, str):
+        raise ValueError(f"message config lacks '{EXPERIMENT_KEY}' (the run's resolved config, sent by the ServerApp)")
+    if text not in _experiments:
+        try:
+            flat = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"message config '{EXPERIMENT_KEY}' is not JSON: {e}") from None
+        if not isinstance(flat, dict):
+            raise ConfigError(f"message config '{EXPERIMENT_KEY}' must be a JSON object")
+        with _lock:
+            if len(_experiments) >= 8:
+                _experiments.pop(next(iter(_experiments)))
+            _experiments[text] = resolve(flat)
+    return _experiments[text]
+
+
+def data_dir(run_config: Mapping[str, Any]) -> Path | None:
+    """The run config's Flower-only ``data-dir`` ("" or absent: fedbayes' default cache)."""
+    raw = run_config.get("data-dir", "")
+    if not isinstance(raw, str):
+        raise ValueError(f"run config 'data-dir' must be a path string ('' = default cache), got {raw!r}")
+    return Path(raw).expanduser() if raw.strip() else None
+
+
+def _setup(msg: Message, context: Context) -> tuple[Experiment, NodeSpec, dict[str, Any]]:
+    config = message_config(msg)
+    exp = message_experiment(config)
+    return exp, node_spec(context.node_config, exp.run.num_clients), config
 
 
 def handle_query(msg: Message, context: Context) -> Message:
     """Reply with this node's ``partition-id``, ``num-examples`` and whether it uses its own data file."""
-    exp, spec, opts = _setup(context)
-    data = local_data(exp, spec, opts)
+    exp, spec, _ = _setup(msg, context)
+    data = local_data(exp, spec, data_dir(context.run_config))
     metrics: dict[str, Any] = {
         "partition-id": spec.partition_id,
         "num-examples": data.num_examples,
@@ -326,21 +351,18 @@ def handle_train(msg: Message, context: Context) -> Message:
     from fedbayes.engine import resolve_device
     from fedbayes.protocol import execute
 
-    exp, spec, opts = _setup(context)
-    if CONFIG_RECORD not in msg.content.config_records:
-        raise ValueError(f"train message lacks the '{CONFIG_RECORD}' ConfigRecord")
-    config = dict(msg.content.config_records[CONFIG_RECORD])
+    exp, spec, config = _setup(msg, context)
     target: Any = config.get("partition-id")
     if target is not None and target != spec.partition_id:
         raise ValueError(f"train message for partition {target} reached the node with partition-id {spec.partition_id}")
     fault = node_fault(context.node_config)
-    data = local_data(exp, spec, opts)
-    records = records_from_content(msg.content)
+    data = local_data(exp, spec, data_dir(context.run_config))
+    records = records_of(msg.content)
     _check_fit(data.model, records, data)
     if fault == "garbage":
         reply, metrics = garbage_reply(records, config, data.num_examples)
-        return Message(reply_content(reply, {**metrics, "partition-id": spec.partition_id}), reply_to=msg)
+        return Message(content_of(reply, metrics={**metrics, "partition-id": spec.partition_id}), reply_to=msg)
     device = resolve_device(spec.device or exp.run.device)
     reply, metrics = execute(data.model, records, config, data.x, data.y, device=device)
     metrics = {**metrics, "partition-id": spec.partition_id}
-    return Message(reply_content(reply, metrics), reply_to=msg)
+    return Message(content_of(reply, metrics=metrics), reply_to=msg)

@@ -6,8 +6,9 @@ the chosen algorithm's hyperparameters (its ``Config`` model, e.g. ``rho``, ``pr
 validated before any training starts; an unknown key, a wrong type or an out-of-range value raises
 :class:`ConfigError` naming the key and what is allowed.
 
-Local-training keys left unset (``None``) take the algorithm's defaults (e.g. ``mode = "ivon"`` for
-bayes-admm), then :class:`fedbayes.local.LocalSettings`' defaults.
+The local-training keys (``mode``, ``lr``, ``epochs`` …) are not written here: :class:`RunConfig` is generated from
+the one schema, :class:`fedbayes.local.LocalSettings`, with its types and bounds; left unset (``None``) they take
+the algorithm's defaults (e.g. ``mode = "ivon"`` for bayes-admm), then the schema's.
 """
 
 from __future__ import annotations
@@ -17,36 +18,34 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from fedbayes.algorithms import REGISTRY, Algorithm, AlgorithmConfig, get_algorithm
 from fedbayes.data.datasets import DATASETS, dataset_names
 from fedbayes.data.partition import PARTITIONERS
+from fedbayes.keys import kebab, kebab_keys
+from fedbayes.local import USER_KEYS, LocalSettings
 from fedbayes.models import model_names
 
-__all__ = ["LOCAL_KEYS", "ConfigError", "Experiment", "RunConfig", "load_config_file", "parse_sets", "resolve"]
+__all__ = [
+    "LOCAL_KEYS", "ConfigError", "Experiment", "RunConfig", "RunKeys", "load_config_file", "parse_sets", "resolve",
+]
 
 
 class ConfigError(ValueError):
     """A configuration problem, reported before any training starts."""
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
+LOCAL_KEYS = USER_KEYS
+"""The run's local-training keys: generated from :class:`fedbayes.local.LocalSettings` (:data:`USER_KEYS`)."""
 
 
-LOCAL_KEYS = (
-    "mode", "epochs", "batch_size", "lr", "temperature", "mc_samples", "antithetic", "hess_init", "beta1",
-    "beta2", "clip_radius", "laplace", "momentum", "grad_clip", "max_steps", "loss", "noise_var",
-)
+class RunKeys(BaseModel):
+    """The run's own keys (data, model, clients, rounds, evaluation …); :data:`RunConfig` adds the local keys."""
 
-
-class RunConfig(BaseModel):
-    """Everything about a run except the algorithm's own hyperparameters."""
-
-    model_config = ConfigDict(extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", alias_generator=kebab, populate_by_name=True, frozen=True)
 
     algorithm: str = "bayes-admm"
     dataset: str = "digits"
@@ -115,25 +114,6 @@ class RunConfig(BaseModel):
     """Probability that a chosen client is too slow and misses the round deadline (its reply is discarded)."""
     round_timeout: float = Field(0.0, ge=0.0)
     """Seconds the Flower strategy waits for replies in a round (0: no deadline)."""
-    # local training (None: the algorithm's default, then LocalSettings')
-    mode: Literal["ivon", "adam", "sgd", "lbfgs"] | None = None
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    lr: float | None = Field(None, gt=0.0)
-    temperature: float | None = Field(None, gt=0.0)
-    mc_samples: int | None = Field(None, ge=1)
-    antithetic: bool | None = None
-    hess_init: float | None = Field(None, gt=0.0)
-    beta1: float | None = Field(None, ge=0.0, lt=1.0)
-    beta2: float | None = Field(None, ge=0.0, lt=1.0)
-    clip_radius: float | None = Field(None, gt=0.0)
-    laplace: bool | None = None
-    momentum: float | None = Field(None, ge=0.0, lt=1.0)
-    grad_clip: float | None = Field(None, ge=0.0)
-    max_steps: int | None = Field(None, ge=0)
-    loss: Literal["ce", "gaussian"] | None = None
-    noise_var: float | None = Field(None, gt=0.0)
-
     @field_validator("hidden", mode="before")
     @classmethod
     def _hidden(cls, v: Any) -> Any:
@@ -202,7 +182,7 @@ class RunConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _data_keys(self) -> RunConfig:
+    def _data_keys(self) -> RunKeys:
         if self.partition == "paper":
             if self.train_fraction != 1.0:
                 raise ValueError(
@@ -224,13 +204,13 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _eval_split(self) -> RunConfig:
+    def _eval_split(self) -> RunKeys:
         if self.eval_split == "validation" and self.validation_fraction <= 0:
             raise ValueError("eval-split = 'validation' needs validation-fraction > 0 (e.g. 0.1)")
         return self
 
     @model_validator(mode="after")
-    def _exclude_range(self) -> RunConfig:
+    def _exclude_range(self) -> RunKeys:
         bad = [c for c in self.exclude_clients if not 0 <= c < self.num_clients]
         if bad:
             raise ValueError(f"exclude-clients {bad} out of range [0, {self.num_clients})")
@@ -243,6 +223,26 @@ class RunConfig(BaseModel):
         available = self.num_clients - len(set(self.exclude_clients))
         n = math.ceil(c * available) if c <= 1 else int(c)
         return max(1, min(available, n))
+
+
+def _optional(name: str) -> tuple[Any, Any]:
+    """A local setting as an optional run key: the schema's type and bounds, default None (the rule's choice)."""
+    f = LocalSettings.model_fields[name]
+    inner: Any = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+    return inner | None, Field(None, description=f.description)
+
+
+if TYPE_CHECKING:
+    RunConfig = RunKeys
+else:
+    RunConfig = create_model(
+        "RunConfig", __base__=RunKeys, __module__=__name__, **{name: _optional(name) for name in USER_KEYS}
+    )
+    RunConfig.__doc__ = (
+        "Everything about a run except the algorithm's own hyperparameters: RunKeys and, generated from "
+        "fedbayes.local.LocalSettings, one optional key per user-set local setting (None: the rule's default, "
+        "then the schema's)."
+    )
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,13 @@ class Experiment:
     def local_overrides(self) -> dict[str, Any]:
         """Local keys the user set explicitly (they win over the algorithm's local defaults)."""
         return {k: getattr(self.run, k) for k in LOCAL_KEYS if getattr(self.run, k) is not None}
+
+    def local_setting(self, name: str) -> Any:
+        """A local setting as clients get it: the user's value, else the rule's default, else the schema's."""
+        if getattr(self.run, name, None) is not None:
+            return getattr(self.run, name)
+        defaults = self.algorithm_cls.local_defaults
+        return defaults[name] if name in defaults else LocalSettings.model_fields[name].default
 
     def to_flat(self) -> dict[str, Any]:
         """All keys, kebab-case, JSON-ready (``config.json``); :func:`resolve` of it gives the same run."""
@@ -284,15 +291,15 @@ def resolve(flat: Mapping[str, Any]) -> Experiment:
     ConfigError
         Unknown key (listing the valid ones), wrong type or out-of-range value (naming the key).
     """
-    norm = {str(k).replace("_", "-"): v for k, v in flat.items()}
-    run_keys = {_kebab(n) for n in RunConfig.model_fields}
+    norm = kebab_keys(flat)
+    run_keys = {kebab(n) for n in RunConfig.model_fields}
     run_part = {k: v for k, v in norm.items() if k in run_keys}
     try:
         run = RunConfig.model_validate(run_part)
     except ValidationError as e:
         raise ConfigError(_format(e, "run config")) from None
     algo_cls = get_algorithm(run.algorithm)
-    algo_keys = {_kebab(n) for n in algo_cls.Config.model_fields}
+    algo_keys = {kebab(n) for n in algo_cls.Config.model_fields}
     unknown = sorted(k for k in norm if k not in run_keys and k not in algo_keys)
     if unknown:
         raise ConfigError(

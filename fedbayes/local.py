@@ -25,74 +25,103 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
 from fedbayes.curvature import diag_ggn
 from fedbayes.gaussian import DiagGaussian, check_same_layout
 from fedbayes.ivon import IVON, split_natural
+from fedbayes.keys import kebab
 from fedbayes.optim import SGD, Adam, FlatOptimizer
 
-__all__ = ["MODES", "LocalResult", "LocalSettings", "initial_curvature", "train_local"]
+__all__ = [
+    "MODES", "RULE_KEYS", "USER_KEYS", "WIRE_KEYS", "LocalResult", "LocalSettings", "initial_curvature",
+    "train_local",
+]
 
-MODES = ("ivon", "adam", "sgd", "lbfgs")
 IVON_BETA2 = 0.9999
 ADAM_BETA2 = 0.999
-LOSSES = ("ce", "gaussian")
 
 
-@dataclass(frozen=True)
-class LocalSettings:
-    """Local-training settings a server rule asks for (mirrored by the Flower ConfigRecord)."""
+Mode = Literal["ivon", "adam", "sgd", "lbfgs"]
+Loss = Literal["ce", "gaussian"]
+MODES: tuple[str, ...] = get_args(Mode)
+LOSSES: tuple[str, ...] = get_args(Loss)
 
-    mode: str = "ivon"
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.1
-    temperature: float = 1.0
-    ess_scale: float = 1.0
-    mc_samples: int = 1
+
+class LocalSettings(BaseModel):
+    """Local-training settings a server rule asks for: **the one schema** of fedbayes' local keys.
+
+    Everything else is generated from this model (:mod:`fedbayes.config`): the optional local keys of
+    ``RunConfig`` (same names, types and bounds, default None: "the rule's default"), hence the Flower
+    run config and ``config.json``, and the wire codec (:meth:`to_wire` / :meth:`from_wire`, the kebab-case
+    ConfigRecord a client receives).  Fields listed in :data:`RULE_KEYS` are set by the server rule or the engine
+    (e.g. bayes-admm's ``ess-scale``), never by the user.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=kebab, populate_by_name=True)
+
+    mode: Mode = "ivon"
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.1, gt=0.0, allow_inf_nan=False)
+    temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    ess_scale: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    mc_samples: int = Field(1, ge=1)
     antithetic: bool = False
-    hess_init: float = 0.1
-    beta1: float = 0.9
-    beta2: float | None = None
-    """None: per mode, IVON 0.9999 and Adam 0.999 (torch's default, what the baselines' papers use)."""
-    clip_radius: float = math.inf
+    hess_init: float = Field(0.1, gt=0.0, allow_inf_nan=False)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(IVON_BETA2, ge=0.0, lt=1.0)
+    """Unset: per mode, IVON 0.9999 and Adam 0.999 (torch's default, what the baselines' papers use)."""
+    clip_radius: float = Field(math.inf, gt=0.0)
     laplace: bool = False
-    momentum: float = 0.0
-    grad_clip: float = 0.0
-    max_steps: int = 0
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float = Field(0.0, ge=0.0)
+    max_steps: int = Field(0, ge=0)
     prior_per_example: bool = False
     signed_site: bool = False
     """IVON: send s̃ = ess·h unclamped (bayes-admm); default: clamp s̃ ≥ 0 (PVI sites never remove evidence)."""
-    loss: str = "ce"
-    noise_var: float = 1.0
-    seed: int = 0
+    loss: Loss = "ce"
+    noise_var: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    seed: int = Field(0, ge=0)
     device: str = "cpu"
 
-    def __post_init__(self) -> None:
-        if self.beta2 is None:
-            object.__setattr__(self, "beta2", ADAM_BETA2 if self.mode == "adam" else IVON_BETA2)
-        problems = []
-        if self.mode not in MODES:
-            problems.append(f"mode must be one of {list(MODES)}, got {self.mode!r}")
-        if self.loss not in LOSSES:
-            problems.append(f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
-        for name in ("lr", "temperature", "ess_scale", "noise_var", "hess_init"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-                problems.append(f"{name} must be a finite number > 0, got {v!r}")
-        for name in ("epochs", "batch_size", "mc_samples"):
-            if int(getattr(self, name)) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("beta1", "beta2", "momentum"):
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
-                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.max_steps < 0 or self.grad_clip < 0 or not self.clip_radius > 0:
-            problems.append("max_steps and grad_clip must be >= 0 and clip_radius > 0")
-        if problems:
-            raise ValueError("invalid local settings: " + "; ".join(problems))
+    @model_validator(mode="before")
+    @classmethod
+    def _beta2_per_mode(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("beta2") is None:
+            return {**data, "beta2": ADAM_BETA2 if data.get("mode") == "adam" else IVON_BETA2}
+        return data
+
+    def to_wire(self) -> dict[str, Any]:
+        """The settings as a flat kebab-case dict of scalars (a Flower ConfigRecord)."""
+        return self.model_dump(by_alias=True)
+
+    @classmethod
+    def from_wire(cls, cfg: Mapping[str, Any], device: str | None = None) -> LocalSettings:
+        """Inverse of :meth:`to_wire`; other keys of the message's config (``reply``, ``round`` …) are ignored.
+
+        Raises ``ValueError`` naming each bad key."""
+        kw = {key: cfg[key] for key in WIRE_KEYS if key in cfg}
+        if device is not None:
+            kw["device"] = device
+        try:
+            return cls.model_validate(kw)
+        except ValidationError as e:
+            bad = "; ".join(f"{'.'.join(str(p) for p in x['loc'])}: {x['msg']} (got {x.get('input')!r})"
+                            for x in e.errors())
+            raise ValueError(f"invalid local settings: {bad}") from None
+
+
+RULE_KEYS = frozenset({"ess_scale", "prior_per_example", "signed_site", "seed", "device"})
+"""Local settings chosen by the server rule or the engine, not run keys a user sets."""
+USER_KEYS: tuple[str, ...] = tuple(n for n in LocalSettings.model_fields if n not in RULE_KEYS)
+"""The local settings a user sets (run keys, default None = the rule's choice), in schema order."""
+WIRE_KEYS: tuple[str, ...] = tuple(kebab(n) for n in LocalSettings.model_fields)
+
 
 @dataclass
 class LocalResult:

@@ -5,10 +5,10 @@ Records are ``{record_name: {parameter_name: ndarray}}`` plus a flat config/metr
 engine passes them as they are — so both engines run the same bytes through the same code.
 
 Down (train):  ``prior.eta``, ``prior.prec`` (and optionally ``start.mean``, ``start.prec``), float32;
-               config: the local settings in kebab-case, plus ``reply`` ("site" | "mean"), ``round``, ``partition-id``.
+               config: the local settings in kebab-case (``LocalSettings.to_wire``), plus ``reply``
+               ("site" | "mean"), ``round``, ``partition-id``.
 Up:            ``site.eta``, ``site.prec`` when the local trainer formed a site (IVON, Laplace), else ``mean``;
-               metrics with
-               ``num-examples``, ``train-loss``, ``train-seconds``, ``steps``.
+               metrics with ``num-examples``, ``train-loss``, ``train-seconds``, ``steps``.
 
 Every reply is validated by :func:`decode_reply` before it may touch server state: record keys, parameter
 names and order, shapes, float dtype, finiteness, magnitudes, precision ≥ 0 and ``num-examples``.  A bad reply
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from fedbayes.algorithms.base import ClientTask, ClientUpdate
 from fedbayes.gaussian import DiagGaussian
+from fedbayes.keys import kebab
 from fedbayes.local import LocalResult, LocalSettings, train_local
 
 __all__ = [
@@ -40,8 +40,6 @@ __all__ = [
     "encode_task",
     "execute",
     "nbytes",
-    "settings_from_config",
-    "settings_to_config",
 ]
 
 Records = dict[str, dict[str, np.ndarray]]
@@ -52,43 +50,6 @@ WIRE_DTYPE = np.float32
 
 class InvalidReply(ValueError):
     """A client reply that failed validation; the message says why."""
-
-
-def _kebab(s: str) -> str:
-    return s.replace("_", "-")
-
-
-_SETTING_FIELDS = {f.name: f for f in fields(LocalSettings)}
-
-
-def settings_to_config(s: LocalSettings) -> dict[str, Any]:
-    """Local settings as a flat kebab-case dict of scalars (Flower ConfigRecord-ready)."""
-    out: dict[str, Any] = {}
-    for name in _SETTING_FIELDS:
-        v = getattr(s, name)
-        out[_kebab(name)] = float(v) if isinstance(v, float) else v
-    return out
-
-
-def settings_from_config(cfg: Mapping[str, Any], device: str | None = None) -> LocalSettings:
-    """Inverse of :func:`settings_to_config`; unknown keys are ignored only if not setting-like."""
-    kw: dict[str, Any] = {}
-    for name, f in _SETTING_FIELDS.items():
-        key = _kebab(name)
-        if key in cfg:
-            v = cfg[key]
-            default = f.default
-            if isinstance(default, bool):
-                kw[name] = bool(v)
-            elif isinstance(default, int):
-                kw[name] = int(v)
-            elif isinstance(default, float) or name == "beta2":
-                kw[name] = float(v)
-            else:
-                kw[name] = str(v)
-    if device is not None:
-        kw["device"] = device
-    return LocalSettings(**kw)
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -158,7 +119,7 @@ def encode_result(res: LocalResult, reply: str = "mean") -> tuple[Records, dict[
         rec["site.eta"] = {k: _np(v) for k, v in res.site.eta.items()}
         rec["site.prec"] = {k: _np(v) for k, v in res.site.prec.items()}
     metrics: dict[str, float | int] = {"num-examples": int(res.num_examples)}
-    metrics.update({_kebab(k): float(v) for k, v in res.metrics.items()})
+    metrics.update({kebab(k): float(v) for k, v in res.metrics.items()})
     return rec, metrics
 
 
@@ -245,7 +206,7 @@ def execute(
     """The client's whole job: decode the message, train under the prior, encode the reply."""
     shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
     task = decode_task(records, shapes)
-    settings = settings_from_config(config, device=device)
+    settings = LocalSettings.from_wire(config, device=device)
     reply = str(config.get("reply", "mean"))
     if reply not in ("mean", "site"):
         raise ValueError(f"config 'reply' must be 'mean' or 'site', got {reply!r}")

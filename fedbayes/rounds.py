@@ -37,7 +37,7 @@ from fedbayes.config import Experiment
 from fedbayes.gaussian import DiagGaussian
 from fedbayes.local import LocalSettings
 from fedbayes.metrics import evaluate_model
-from fedbayes.protocol import InvalidReply, Records, decode_reply, encode_task, nbytes, settings_to_config
+from fedbayes.protocol import InvalidReply, Records, decode_reply, encode_task, nbytes
 
 if TYPE_CHECKING:
     from fedbayes.engine import Federation
@@ -120,12 +120,11 @@ def client_config(exp: Experiment, rule: Algorithm, task: ClientTask, server_rou
     kw.update(task.overrides)
     if rule.needs_site() and kw.get("mode", "ivon") != "ivon":
         kw["laplace"] = True  # a point-mode client of a Bayesian rule sends a Laplace site
-    base_lr = kw.get("lr", LocalSettings.lr)
     if exp.run.lr_schedule == "cosine":
+        base_lr = kw.get("lr", LocalSettings.model_fields["lr"].default)
         kw["lr"] = cosine_lr(float(base_lr), server_round, exp.run.rounds)
     kw["seed"] = client_seed(exp.run.seed, server_round, client)
-    settings = LocalSettings(**kw)
-    cfg = settings_to_config(settings)
+    cfg = LocalSettings(**kw).to_wire()
     cfg.update({"reply": "site" if rule.needs_site() else "mean", "round": server_round, "partition-id": client})
     return cfg
 
@@ -141,7 +140,7 @@ def evaluate_posterior_on(
     return evaluate_model(
         model, mean, x, y, task, posterior=posterior,
         samples=exp.run.bma_samples if posterior is not None else 0,
-        noise_var=exp.run.noise_var or 1.0, seed=exp.run.seed * 7919 + server_round, device=device, prefix=prefix,
+        noise_var=exp.local_setting("noise_var"), seed=exp.run.seed * 7919 + server_round, device=device, prefix=prefix,
         predictive=exp.run.bma_predictive, scale=exp.run.bma_scale, logit_samples=exp.run.bma_logit_samples,
     )
 

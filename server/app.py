@@ -42,11 +42,12 @@ def main(grid: Grid, context: Context) -> None:
     CheckpointError
         (resume) A missing, truncated or corrupted checkpoint; nothing is written.
     """
+    from client.records import arrays_of
     from fedbayes.engine import Federation
     from fedbayes.results import CheckpointError, ResultsWriter
     from fedbayes.resume import load_resume, prepare_folder
     from server.runconfig import experiment_from_run_config
-    from server.strategy import FedBayesStrategy, arrays_of
+    from server.strategy import FedBayesStrategy
 
     exp, opts = experiment_from_run_config(context.run_config)  # ConfigError naming the key: nothing touched yet
     resume = None

@@ -19,8 +19,9 @@ that preset, ``""`` none; the preset's value for the chosen algorithm, then the 
 fedbayes' default.  Every key that is set wins over the preset.  So pyproject.toml leaves almost every key unset
 (:func:`pyproject_run_config`): only ``algorithm``, ``num-clients`` and ``rounds`` (sized for the three-SuperNode
 demo) and the Flower-only keys have values there, and a bare ``flwr run`` trains with the digits preset's
-settings.  Both sides apply it: the ServerApp and each ClientApp (which rebuilds its data and model from the run
-config) resolve the run config with :func:`split_run_config`.
+settings.  Only the ServerApp applies it: it resolves the run config once (:func:`split_run_config`) and sends
+the resolved configuration in every message (:mod:`client.records`), from which each ClientApp rebuilds its data
+and model; a ClientApp reads no presets and of the run config only ``data-dir``.
 ``hidden`` and ``exclude-clients`` are comma-separated strings (``"200,100"``).  Every problem raises
 :class:`fedbayes.config.ConfigError` naming the key.  This module imports neither flwr nor torch at import time.
 
@@ -161,9 +162,10 @@ def split_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], Flo
 
     from fedbayes.algorithms import REGISTRY
     from fedbayes.config import ConfigError, RunConfig
+    from fedbayes.keys import kebab
     from simulations.presets import apply_preset
 
-    run_keys = {n.replace("_", "-") for n in RunConfig.model_fields}
+    run_keys = {kebab(n) for n in RunConfig.model_fields}
     flat: dict[str, Any] = {}
     tables: dict[str, dict[str, Any]] = {}
     unknown: list[str] = []
@@ -177,7 +179,7 @@ def split_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], Flo
             if algo not in REGISTRY:
                 unknown.append(key)
                 continue
-            valid = {n.replace("_", "-") for n in REGISTRY[algo].Config.model_fields}
+            valid = {kebab(n) for n in REGISTRY[algo].Config.model_fields}
             if name not in valid:
                 raise _config_error(
                     f"unknown run config key '{key}': algorithm '{algo}' has the keys {sorted(valid)}"

@@ -13,8 +13,8 @@ its messages through Flower:
 3. ``evaluate`` (the ``evaluate_fn`` of :meth:`Strategy.start`): ``Round.row`` (one evaluation, the metrics row
    with the engine's keys) and :func:`fedbayes.rounds.record_round` (metrics, posterior, checkpoint).
 
-Client identity is the node config's ``partition-id``: :meth:`FedBayesStrategy.bind_nodes` sends each node a
-query message at the start (and again whenever a new node id appears) and maps Flower node ids to partitions.
+Client identity is the node config's ``partition-id``, learnt by the strategy's node book
+(:class:`server.nodes.NodeBook`).
 
 **Replies that never come.** With ``round-timeout`` set, ``Strategy.start`` passes it to
 ``grid.send_and_receive``, so a round ends when the deadline passes whatever is missing: a SuperNode that died
@@ -32,6 +32,7 @@ failures and the learning-rate schedule are those of the uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -40,30 +41,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from client.records import EXPERIMENT_KEY, METRIC_RECORD, arrays_of, content_of, records_of
 from fedbayes.engine import Federation
 from fedbayes.protocol import InvalidReply, nbytes
 from fedbayes.results import ResultsWriter
 from fedbayes.rounds import Round, record_round
+from server.nodes import NodeBook, addressee
 
-__all__ = ["CONFIG_RECORD", "METRIC_RECORD", "FedBayesStrategy", "NodeInfo", "arrays_of"]
+__all__ = ["FedBayesStrategy"]
 
 log = logging.getLogger("flwr")
-CONFIG_RECORD = "config"
-METRIC_RECORD = "metrics"
-
-
-@dataclass
-class NodeInfo:
-    """What a node said about itself in reply to the query message."""
-
-    node_id: int
-    partition_id: int
-    num_examples: int
-    own_data: bool
 
 
 @dataclass
@@ -75,10 +66,6 @@ class _Flight:
     messages: list[Message] = field(default_factory=list)  # the train messages (ids set by the grid on push)
 
 
-def _records(content: RecordDict) -> dict[str, dict[str, np.ndarray]]:
-    return {name: {k: a.numpy() for k, a in rec.items()} for name, rec in content.array_records.items()}
-
-
 def _ordered(rec: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
     """Parameter order as the model's (names missing or extra stay, for decode_reply to report)."""
     out = {k: rec[k] for k in names if k in rec}
@@ -86,22 +73,10 @@ def _ordered(rec: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarr
     return out
 
 
-def _addressee(reply: Message, sent: Iterable[Message]) -> int:
-    """The node a reply answers for: the destination of the message it replies to (a reply the SuperLink makes
-    for an unavailable node comes from the SuperLink's own node id), else its sender."""
-    by_id = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent if m.metadata.message_id}
-    return by_id.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
-
-
 def _error_reason(reply: Message, node: int) -> str:
     if int(reply.metadata.src_node_id) == node:
         return f"the ClientApp failed: {reply.error.reason}"
     return f"no reply, the SuperLink says: {reply.error.reason} (code {reply.error.code})"
-
-
-def arrays_of(params: dict[str, Any]) -> ArrayRecord:
-    """Named tensors -> an ArrayRecord (the global mean, for Flower's logs and ``Result``)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in params.items()})
 
 
 class FedBayesStrategy(Strategy):
@@ -131,13 +106,10 @@ class FedBayesStrategy(Strategy):
                              f"got {len(rows or [])}")
         self.fed = fed
         self.exp = fed.exp
+        self.experiment_json = json.dumps(fed.exp.to_flat())  # sent in every message (client.records)
         self.writer = writer
-        self.query_timeout_s = query_timeout_s
-        self.nodes: dict[int, NodeInfo] = {}
-        self.node_of: dict[int, int] = {}  # partition -> node id
-        self._asked: set[int] = set()
-        self._conflicts: dict[int, int] = {}  # node id -> partition it claimed while another node held it
-        self.sizes = [len(p) for p in fed.parts]
+        self.book = NodeBook(self.exp.run.num_clients, [len(p) for p in fed.parts], self.experiment_json,
+                             query_timeout_s)
         self.start_round = start_round
         self.rows: list[dict[str, Any]] = list(rows or [])
         self._round: _Flight | None = None
@@ -153,101 +125,18 @@ class FedBayesStrategy(Strategy):
         """Flower's round counter (1, 2, … in this run; 0 before the first round) -> the experiment's round."""
         return server_round + self.start_round - 1 if server_round > 0 else 0
 
-    # -- node identity ------------------------------------------------------------------------------
-    def _forget(self, node_id: int) -> None:
-        info = self.nodes.pop(node_id, None)
-        if info is not None and self.node_of.get(info.partition_id) == node_id:
-            del self.node_of[info.partition_id]
-
-    def refresh_nodes(self, grid: Grid) -> None:
-        """Query nodes not seen before; forget nodes that left."""
-        online = set(grid.get_node_ids())
-        for gone in [n for n in self.nodes if n not in online]:
-            log.warning("node %d (partition %d) left the federation", gone, self.nodes[gone].partition_id)
-            self._forget(gone)
-        for node, pid in list(self._conflicts.items()):  # ask again once the holder is gone (a restarted node)
-            if node not in online or pid not in self.node_of:
-                del self._conflicts[node]
-                self._asked.discard(node)
-        self._asked &= online
-        new = sorted(online - self._asked)
-        if not new:
-            return
-        self._asked.update(new)
-        msgs = [
-            Message(RecordDict({CONFIG_RECORD: ConfigRecord({"num-clients": self.exp.run.num_clients})}),
-                    dst_node_id=n, message_type=MessageType.QUERY)
-            for n in new
-        ]
-        answered = set()
-        for reply in grid.send_and_receive(msgs, timeout=self.query_timeout_s):
-            node = _addressee(reply, msgs)
-            if node not in new:
-                log.warning("query reply from unexpected node %d ignored", node)
-                continue
-            if reply.has_error() and int(reply.metadata.src_node_id) != node:
-                log.warning("node %d did not answer the query: %s", node, reply.error.reason)
-                continue  # the SuperLink answered for it (node offline): ask again later
-            answered.add(node)
-            self._register(reply, node)
-        self._asked -= set(new) - answered  # no answer in time: ask again later
-
-    def _register(self, reply: Message, node: int) -> None:
-        if reply.has_error():
-            log.error("node %d cannot take part: %s", node, reply.error.reason)
-            return
-        m: dict[str, Any] = dict(reply.content.metric_records.get(METRIC_RECORD, {}))
-        try:
-            pid, n = int(m["partition-id"]), int(m["num-examples"])
-        except (KeyError, TypeError, ValueError):
-            log.error("node %d sent a malformed query reply %s: ignored", node, m)
-            return
-        if not 0 <= pid < self.exp.run.num_clients:
-            log.error("node %d claims partition-id %d outside [0, %d): ignored", node, pid, self.exp.run.num_clients)
-            return
-        if pid in self.node_of and self.node_of[pid] != node:
-            log.error("node %d claims partition-id %d, already held by node %d: ignored while that node is online",
-                      node, pid, self.node_of[pid])
-            self._conflicts[node] = pid
-            return
-        own = bool(m.get("own-data", 0))
-        if not own and n != self.sizes[pid]:
-            log.warning("node %d (partition %d) reports %d examples, the server's partition has %d",
-                        node, pid, n, self.sizes[pid])
-        self.nodes[node] = NodeInfo(node, pid, n, own)
-        self.node_of[pid] = node
-        log.info("node %d is client partition-id %d (%d examples%s)", node, pid, n, ", own data-path" if own else "")
+    @property
+    def node_of(self) -> dict[int, int]:
+        """Partition -> Flower node id of the nodes bound so far."""
+        return self.book.node_of
 
     def bind_nodes(self, grid: Grid, wait_s: float) -> None:
-        """Learn every node's ``partition-id``, waiting up to ``wait_s`` for all ``num-clients`` partitions.
-
-        Raises
-        ------
-        RuntimeError
-            No usable node at all after ``wait_s``.
-        """
-        deadline = time.monotonic() + wait_s
-        k = self.exp.run.num_clients
-        while True:
-            self.refresh_nodes(grid)
-            if len(self.node_of) >= k or time.monotonic() >= deadline:
-                break
-            time.sleep(1.0)
-        missing = [c for c in range(k) if c not in self.node_of]
-        if len(missing) == k:
-            raise RuntimeError(
-                f"no usable SuperNode after {wait_s:.0f} s (num-clients={k}); see the errors above, or start "
-                f"SuperNodes with --node-config \"partition-id=<0..{k - 1}> num-partitions={k}\""
-            )
-        if missing:
-            log.warning("no node for partition(s) %s after %.0f s: they count as failed until one joins",
-                        missing, wait_s)
+        """:meth:`NodeBook.bind`, then the run's clock starts."""
+        self.book.bind(grid, wait_s)
         self.t_start = time.perf_counter()
 
     def expected_examples(self, client: int) -> int:
-        node = self.node_of.get(client)
-        info = self.nodes.get(node) if node is not None else None
-        return info.num_examples if info is not None and info.own_data else self.sizes[client]
+        return self.book.expected_examples(client)
 
     # -- the Strategy interface ---------------------------------------------------------------------
     def summary(self) -> None:
@@ -269,16 +158,14 @@ class FedBayesStrategy(Strategy):
         server_round = self.absolute(server_round)
         if self.start_round > 1:
             log.info("fedbayes round %d of %d", server_round, self.exp.run.rounds)
-        self.refresh_nodes(grid)
+        self.book.refresh(grid)
         flight = _Flight(Round(self.fed, server_round))
         for c in flight.round.chosen:
             node = self.node_of.get(c)
             job = flight.round.job(c, reachable=node is not None)  # no node for this partition: absent
             if job is None or node is None:
                 continue
-            content = RecordDict({n: ArrayRecord({k: Array(v) for k, v in rec.items()})
-                                  for n, rec in job.records.items()})
-            content[CONFIG_RECORD] = ConfigRecord(job.config)
+            content = content_of(job.records, config={**job.config, EXPERIMENT_KEY: self.experiment_json})
             msg = Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
             flight.messages.append(msg)
             flight.sent[node] = c
@@ -296,7 +183,7 @@ class FedBayesStrategy(Strategy):
             else:
                 log.warning("round %d: dropped reply of client %d: %s", rnd.server_round, c, reason)
             return
-        records = _records(reply.content)
+        records = records_of(reply.content)
         rnd.up += nbytes(records)
         metrics: dict[str, Any] = dict(reply.content.metric_records.get(METRIC_RECORD, {}))
         said = metrics.get("partition-id")
@@ -317,7 +204,7 @@ class FedBayesStrategy(Strategy):
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train")
         replied: set[int] = set()
         for reply in replies:
-            node = _addressee(reply, flight.messages)
+            node = addressee(reply, flight.messages)
             if node not in flight.sent:
                 log.warning("round %d: reply from unexpected node %d ignored", server_round, node)
                 continue

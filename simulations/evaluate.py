@@ -25,6 +25,7 @@ import torch
 from fedbayes.config import ConfigError, Experiment, load_config_file, parse_sets, resolve
 from fedbayes.engine import Federation, resolve_device
 from fedbayes.gaussian import DiagGaussian
+from fedbayes.keys import kebab_keys
 from fedbayes.metrics import evaluate_model
 from fedbayes.results import read_metrics, read_posterior
 
@@ -75,7 +76,7 @@ class SavedRun:
     def evaluate(self, sets: Mapping[str, Any] | None = None, split: str | None = None) -> dict[str, float]:
         """Metrics on ``split`` (``"validation"``, ``"test"``; None: the run's ``eval-split``) with the run's
         prediction settings changed by ``sets`` (keys in :data:`EVAL_KEYS`)."""
-        sets = {str(k).replace("_", "-"): v for k, v in (sets or {}).items()}
+        sets = kebab_keys(sets)
         bad = sorted(set(sets) - set(EVAL_KEYS))
         if bad:
             raise ConfigError(f"evaluate: {bad} cannot be changed after training; valid: {list(EVAL_KEYS)}")
@@ -92,7 +93,7 @@ class SavedRun:
             raise ConfigError(f"evaluate: unknown split {split!r}; valid: ['test', 'validation']")
         return evaluate_model(
             self.fed.model, self.mean, x, y, self.fed.data.task, posterior=self.posterior,
-            samples=exp.run.bma_samples if self.posterior is not None else 0, noise_var=exp.run.noise_var or 1.0,
+            samples=exp.run.bma_samples if self.posterior is not None else 0, noise_var=exp.local_setting("noise_var"),
             seed=exp.run.seed * 7919 + self.last_round, prefix=prefix, device=resolve_device(exp.run.device),
             predictive=exp.run.bma_predictive, scale=exp.run.bma_scale, logit_samples=exp.run.bma_logit_samples,
         )

@@ -24,6 +24,7 @@ from typing import Any
 
 from fedbayes.algorithms import REGISTRY
 from fedbayes.config import ConfigError, RunConfig, resolve
+from fedbayes.keys import kebab, kebab_keys
 
 __all__ = [
     "AUTO",
@@ -66,7 +67,7 @@ class Preset:
         so the user's value wins instead of clashing."""
         if algorithm not in REGISTRY:
             raise ConfigError(f"unknown algorithm '{algorithm}'; valid: {list(REGISTRY)}")
-        sets = {str(k).replace("_", "-"): v for k, v in (sets or {}).items()}
+        sets = kebab_keys(sets)
         table = {**self.base, **self.algorithms.get(algorithm, {})}
         for keys in REGISTRY[algorithm].Config.alternative_keys:
             if any(k in sets for k in keys):
@@ -165,7 +166,7 @@ def apply_preset(explicit: Mapping[str, Any], preset: str | None = AUTO) -> tupl
     ConfigError
         An unknown preset or algorithm.
     """
-    flat = {str(k).replace("_", "-"): v for k, v in explicit.items()}
+    flat = kebab_keys(explicit)
     name = (preset or "").strip()
     if name.lower() in ("", "none"):
         return flat, None
@@ -213,8 +214,8 @@ def centralized_ivon_config(preset: Preset, seed: int, sets: dict[str, Any] | No
         if name in preset.algorithms:
             table = preset.algorithms[name]
             break
-    keep = {k.replace("_", "-") for k in RunConfig.model_fields} | {"prior-prec"}
-    cfg = {**preset.base, **{k: v for k, v in {**table, **(sets or {})}.items() if k.replace("_", "-") in keep}}
+    keep = {kebab(k) for k in RunConfig.model_fields} | {"prior-prec"}
+    cfg = {**preset.base, **{k: v for k, v in {**table, **(sets or {})}.items() if kebab(k) in keep}}
     clients = int(cfg.get("num-clients", RunConfig.model_fields["num_clients"].default))
     cfg.pop("exclude-clients", None)
     cfg.update({"algorithm": "pvi", "rho": 1.0, "mode": "ivon", "num-clients": 1, "pool-clients": clients,

@@ -191,7 +191,7 @@ def test_feddyn_server_state_h_and_client_gradients() -> None:
     h = h - (a / K) * ((mc - mg1) + (md - mg1))
     mg2 = (mc + md) / 2 - h / a  # the average over the clients that replied, corrected by h
     close(flat(rule.global_mean()), mg2)
-    close(flat({"w": rule.server["h/w"], "b": rule.server["h/b"]}), h)
+    close(flat(rule.state.h), h)
     for c, g in ((0, g0), (1, g1), (2, g2)):  # client 0 keeps its stale g₀
         close(as_nat(rule.configure(c, 3).prior), torch.stack([a * mg2 + g, s]))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.cli import main
+from fedbayes.cli import main
 from simulations.presets import load_preset, preset_names
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from fedbayes.cli import _flat_from_args, build_parser, main
 from fedbayes.config import ConfigError, resolve
 from server.runconfig import split_run_config
-from simulations.cli import _flat_from_args, build_parser, main
 from simulations.flower_engine import project_root
 from simulations.presets import DATASET_PRESETS, apply_preset, load_preset
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from test_algorithms import as_nat, close, flat, gauss, params, t  # the toy model's helpers (w: (2,), b: (1,))
 
-from fedbayes.algorithms import Algorithm, ClientUpdate
-from fedbayes.algorithms.base import gaussian_to, params_to
+from fedbayes.algorithms import Algorithm, ClientUpdate, bayes_admm, fedadmm, fedlap
 from fedbayes.algorithms.bayes_admm import BayesADMM
 from fedbayes.algorithms.fedadmm import FedADMM
 from fedbayes.algorithms.feddyn import FedDyn
 from fedbayes.algorithms.fedlap import FedLap
 from fedbayes.algorithms.fedlap_cov import FedLapCov
 from fedbayes.algorithms.pvi import PVI
+from fedbayes.algorithms.sites import SiteClient
 
 F64 = torch.float64
 K = 4
@@ -48,7 +48,7 @@ def test_bayes_admm_alpha_and_averages_use_the_active_clients() -> None:
     rho = rho_k / n  # 0.5, not rho_k / K = 0.375
     alpha = 1 / (1 + rho * n)  # 0.4, not 1/(1 + ρK)
     assert rule.rho == pytest.approx(rho, rel=1e-15) and rule.alpha == pytest.approx(alpha, rel=1e-15)
-    rule.store.put_all(OUT, {**gaussian_to("dual", gauss(JUNK)), **gaussian_to("post", gauss(JUNK))})
+    rule.set_client(OUT, bayes_admm.Client(dual=gauss(JUNK), post=gauss(JUNK)))
     lam0 = torch.stack([t(0, 0, 0), t(d, d, d)])
     rule.aggregate(1, [ClientUpdate(client=0, num_examples=10, site=gauss(SA)),
                        ClientUpdate(client=2, num_examples=30, site=gauss(SB))])
@@ -66,7 +66,7 @@ def test_bayes_admm_alpha_and_averages_use_the_active_clients() -> None:
 def test_site_rules_sum_only_active_sites(cls: type[Algorithm]) -> None:
     d, rho = 2.0, 0.5
     rule = make(cls, prior_prec=d, rho=rho)
-    rule.store.put_all(OUT, gaussian_to("site", gauss(JUNK)))
+    rule.set_client(OUT, SiteClient(site=gauss(JUNK)))
     rule.aggregate(1, [ClientUpdate(client=0, num_examples=10, site=gauss(SA)),
                        ClientUpdate(client=3, num_examples=30, site=gauss(SB))])
     lam0 = torch.stack([t(0, 0, 0), t(d, d, d)])
@@ -76,8 +76,7 @@ def test_site_rules_sum_only_active_sites(cls: type[Algorithm]) -> None:
 def test_fedadmm_consensus_over_the_active_clients() -> None:
     rho = 0.5
     rule = make(FedADMM, rho=rho)
-    stale = {**params_to("local", params(t(9.0, 9.0, 9.0))), **params_to("dual", params(t(3.0, 3.0, 3.0)))}
-    rule.store.put_all(OUT, stale)
+    rule.set_client(OUT, fedadmm.Client(local=params(t(9.0, 9.0, 9.0)), dual=params(t(3.0, 3.0, 3.0))))
     m0 = t(*INIT)
     ma, mc = t(1.0, 2.0, 3.0), t(5.0, 6.0, -1.0)
     rule.aggregate(1, [ClientUpdate(client=0, num_examples=10, mean=params(ma)),
@@ -101,7 +100,7 @@ def test_fedlap_global_sums_only_active_duals() -> None:
     d, rho_k = 2.0, 1.5
     rule = make(FedLap, prior_prec=d, rho_k=rho_k)
     rho = rho_k / 3
-    rule.store.put_all(OUT, params_to("dual", params(t(100.0, 100.0, 100.0))))
+    rule.set_client(OUT, fedlap.Client(dual=params(t(100.0, 100.0, 100.0))))
     ma, mc = t(1.0, 2.0, 3.0), t(5.0, 6.0, -1.0)
     rule.aggregate(1, [ClientUpdate(client=0, num_examples=10, mean=params(ma)),
                        ClientUpdate(client=2, num_examples=30, mean=params(mc))])

@@ -6,6 +6,7 @@ the run config; the real runtimes are in test_flower_equivalence.py, test_flower
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import tomllib
@@ -218,7 +219,8 @@ def _train_message(flat: dict[str, Any], client: int, dst: int = 1) -> Message:
     task = fed.rule.configure(client, 1)
     content = RecordDict({n: ArrayRecord({k: Array(v) for k, v in rec.items()})  # keyed by parameter name
                           for n, rec in encode_task(task).items()})
-    content["config"] = ConfigRecord(client_config(fed.exp, fed.rule, task, 1, client))
+    content["config"] = ConfigRecord({**client_config(fed.exp, fed.rule, task, 1, client),
+                                      "experiment": json.dumps(fed.exp.to_flat())})
     msg = Message(content, dst_node_id=dst, message_type=MessageType.TRAIN)
     msg.metadata.__dict__["_message_id"] = "t1"
     return msg
@@ -229,7 +231,8 @@ def _call(node_config: dict[str, Any], flat: dict[str, Any] = FLAT, client: int 
     if kind == "train":
         msg = _train_message(flat, client)
     else:
-        msg = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
+        config = ConfigRecord({"experiment": json.dumps(resolve(flat).to_flat())})
+        msg = Message(RecordDict({"config": config}), dst_node_id=1, message_type=MessageType.QUERY)
         msg.metadata.__dict__["_message_id"] = "q1"
     return client_app(msg, ctx)
 
@@ -293,6 +296,17 @@ def test_client_data_path_file_trains_like_its_partition(tmp_path: Path) -> None
     q = _call({"partition-id": 2, "data-path": str(path)}, kind="query")
     assert q.content.metric_records["metrics"]["num-examples"] == len(x)
     assert q.content.metric_records["metrics"]["own-data"] == 1
+
+
+def test_message_without_the_resolved_experiment_is_refused() -> None:
+    msg = _train_message(FLAT, 0)
+    del msg.content.config_records["config"]["experiment"]
+    with pytest.raises(ValueError, match="message config lacks 'experiment'"):
+        client_app(msg, Context(1, 1, {"partition-id": 0}, RecordDict(), run_config(FLAT)))
+    msg = _train_message(FLAT, 0)
+    msg.content.config_records["config"]["experiment"] = json.dumps({**resolve(FLAT).to_flat(), "epochs": 0})
+    with pytest.raises(ValueError, match="epochs"):
+        client_app(msg, Context(1, 1, {"partition-id": 0}, RecordDict(), run_config(FLAT)))
 
 
 def test_train_message_for_another_partition_is_refused() -> None:

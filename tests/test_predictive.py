@@ -137,7 +137,7 @@ def test_bma_predictive_keys() -> None:
 
 
 def test_evaluate_reproduces_the_recorded_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations.cli import main
+    from fedbayes.cli import main
     from simulations.evaluate import SavedRun
 
     run = tmp_path / "run"

@@ -26,7 +26,7 @@ from fedbayes.algorithms.pvi import PVI
 from fedbayes.gaussian import DiagGaussian
 from fedbayes.local import LocalSettings, train_local
 from fedbayes.models import build_model
-from fedbayes.protocol import decode_reply, encode_task, execute, settings_to_config
+from fedbayes.protocol import decode_reply, encode_task, execute
 
 F64 = torch.float64
 D, NOISE_VAR, DELTA = 3, 0.5, 2.0
@@ -167,7 +167,7 @@ def test_wire_round_agrees_to_float32_precision(clients) -> None:  # type: ignor
     net = model()
     direct, wire = new_rule(net, rho), new_rule(net, rho)
     shapes = {k: tuple(v.shape) for k, v in net.named_parameters()}
-    cfg = {**settings_to_config(SETTINGS), "reply": "site"}
+    cfg = {**SETTINGS.to_wire(), "reply": "site"}
     for r in (1, 2):
         run_round(direct, net, r, list(range(len(SIZES))), clients)
         updates = []

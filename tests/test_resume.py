@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from fedbayes.engine import run_experiment
 from fedbayes.results import CheckpointError, load_checkpoint
@@ -25,7 +24,7 @@ CFG = ["--algorithm", "bayes-admm", "--dataset", "digits", "--clients", "4", "--
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", *args]
+    return [sys.executable, "-m", "fedbayes", *args]
 
 
 def _env() -> dict[str, str]:
@@ -115,7 +114,12 @@ def _no_timings(rows: list[dict]) -> list[dict]:  # type: ignore[type-arg]
 def test_a_checkpoint_written_by_an_earlier_version_resumes(algo: str, tmp_path: Path) -> None:
     """``tests/data/checkpoint-v1``: runs stopped after round 2 of 3 (digits, 3 clients, partial participation),
     written by the code of December 2026, with the uninterrupted run's posterior and metrics.  The current code
-    must read the checkpoint and finish the run bit-identically (a changed checkpoint layout needs a migration)."""
+    must read the checkpoint and finish the run as that code did (a changed checkpoint layout needs a migration).
+
+    Bit-identical on the machine that wrote the files; on another CPU, torch's float32 kernels round differently
+    (1.7e-7 relative on round 3's posterior, 7e-9 on its NLL, measured on a second machine), so round 3 is compared
+    to 1e-5 relative.  A misread state (a wrong key, dual, site or start) moves it by orders of magnitude more, and
+    the rows of rounds 1-2 (read back from the checkpoint) must be identical."""
     import shutil
 
     from safetensors.torch import load_file
@@ -131,9 +135,18 @@ def test_a_checkpoint_written_by_an_earlier_version_resumes(algo: str, tmp_path:
     got = read_posterior(run)
     assert sorted(got) == sorted(want)
     for k in want:
-        assert torch.equal(got[k], want[k]), k
-    expected = [json.loads(line) for line in (GOLDEN / algo / "expected-metrics.jsonl").read_text().splitlines()]
-    assert _no_timings(read_metrics(run)) == _no_timings(expected)
+        scale = float(want[k].abs().max())
+        assert float((got[k] - want[k]).abs().max()) <= 1e-5 * scale, k
+    expected = _no_timings([json.loads(line) for line in (GOLDEN / algo / "expected-metrics.jsonl").read_text()
+                            .splitlines()])
+    have = _no_timings(read_metrics(run))
+    assert have[:2] == expected[:2]  # the checkpoint's rows, as written
+    assert have[2].keys() == expected[2].keys()
+    for key, v in expected[2].items():
+        if isinstance(v, float):
+            assert have[2][key] == pytest.approx(v, rel=1e-5, abs=1e-9), key
+        else:
+            assert have[2][key] == v, key
 
 
 def test_a_kill_between_the_meta_and_the_state_rename_still_resumes(tmp_path: Path,

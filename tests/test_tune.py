@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from fedbayes.algorithms import REGISTRY
+from fedbayes.cli import main
 from fedbayes.config import ConfigError, load_config_file, resolve
 from fedbayes.data import load_dataset
 from fedbayes.engine import Federation, run_experiment
-from simulations.cli import main
 from simulations.presets import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def slow(*a, **k):
         time.sleep(600)
     return orig(*a, **k)
 engine.run_experiment = slow
-from simulations.cli import main
+from fedbayes.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -5,10 +5,13 @@ where to start), and how to update the global state and the per-client sites/dua
 local problem is always :func:`fedbayes.local.train_local` under that prior; hyperparameters are mapped onto
 (πₖ, local settings) by each module, whose docstring gives its equations and paper.
 
-State is explicit: ``self.server`` (named float64 tensors: the global mean/posterior, FedDyn's h, …) and
-``self.store`` (per-client named tensors: sites, duals, last means) behind a small storage interface
-(:class:`MemoryStore`, :class:`DiskStore`).  :meth:`Algorithm.state_tensors` flattens both, so a checkpoint is
-one safetensors file and a resumed run continues bit for bit.
+State is explicit and typed (:mod:`fedbayes.algorithms.state`): ``self.state``, the rule's ``GlobalState`` (the
+global mean or posterior, FedDyn's h, …), and per client a ``ClientState`` (sites, duals, last means) read and
+written with :meth:`Algorithm.client` / :meth:`Algorithm.set_client`; the flat ``prefix/param`` tensor names exist
+only inside the client store (:class:`MemoryStore`, :class:`DiskStore`) and the checkpoint.
+:meth:`Algorithm.state_tensors` flattens both, so a checkpoint is one safetensors file and a resumed run continues
+bit for bit.  Replies are validated once, by :meth:`Algorithm.aggregate`, before the rule's :meth:`Algorithm.update`
+sees them.
 
 **Partial participation.** None of the reference implementations samples clients.  We choose the PVI /
 FedDyn convention: an absent client keeps its last site, dual and local mean (stale), and every global
@@ -21,17 +24,19 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from fedbayes.algorithms.space import Dim
+from fedbayes.algorithms.state import NoState, State
 from fedbayes.gaussian import DiagGaussian, Params
+from fedbayes.keys import kebab
 
 __all__ = [
     "Algorithm",
@@ -42,19 +47,19 @@ __all__ = [
     "DiskStore",
     "KScaledRho",
     "MemoryStore",
-    "gaussian_from",
-    "gaussian_to",
+    "PosteriorState",
 ]
 
+G = TypeVar("G", bound=State)
+C = TypeVar("C", bound=State)
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
+
 
 
 class AlgorithmConfig(BaseModel):
     """Base of each algorithm's hyperparameters (kebab-case keys, unknown keys rejected)."""
 
-    model_config = ConfigDict(extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", alias_generator=kebab, populate_by_name=True, frozen=True)
 
     alternative_keys: ClassVar[tuple[tuple[str, ...], ...]] = ()
     """Groups of kebab-case keys that set one quantity in different ways and may not be given together (e.g.
@@ -167,34 +172,16 @@ class DiskStore(ClientStore):
         return sorted(int(p.stem.split("-")[1]) for p in self.root.glob("client-*.safetensors"))
 
 
-def gaussian_to(prefix: str, g: DiagGaussian) -> dict[str, Tensor]:
-    out = {f"{prefix}.eta/{k}": v for k, v in g.eta.items()}
-    out.update({f"{prefix}.prec/{k}": v for k, v in g.prec.items()})
-    return out
+@dataclass(frozen=True)
+class PosteriorState(State):
+    """The global state of the Bayesian rules: the posterior λ (stored as ``global``) and the round-1 start mean."""
 
-
-def gaussian_from(prefix: str, tensors: Mapping[str, Tensor], names: Iterable[str]) -> DiagGaussian | None:
-    names = list(names)
-    if f"{prefix}.eta/{names[0]}" not in tensors:
-        return None
-    return DiagGaussian(
-        {k: tensors[f"{prefix}.eta/{k}"] for k in names}, {k: tensors[f"{prefix}.prec/{k}"] for k in names}
-    )
-
-
-def params_to(prefix: str, p: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {f"{prefix}/{k}": v for k, v in p.items()}
-
-
-def params_from(prefix: str, tensors: Mapping[str, Tensor], names: Iterable[str]) -> Params | None:
-    names = list(names)
-    if f"{prefix}/{names[0]}" not in tensors:
-        return None
-    return {k: tensors[f"{prefix}/{k}"] for k in names}
+    posterior: DiagGaussian = field(metadata={"key": "global"})
+    start: Params | None = None
 
 
 # ---------------------------------------------------------------------------------------------- algorithm
-class Algorithm(ABC):
+class Algorithm(ABC, Generic[G, C]):
     """A federated server rule over natural parameters.
 
     Parameters
@@ -220,6 +207,10 @@ class Algorithm(ABC):
     """Sites may have negative precisions; a reply is valid when the posterior it implies, sent prior + site,
     has precision > 0 (checked by :func:`fedbayes.protocol.decode_reply` given the prior)."""
     Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    GlobalState: ClassVar[type[State]]
+    """The type of ``self.state``."""
+    ClientState: ClassVar[type[State]] = NoState
+    """The type of each client's state (:meth:`client`)."""
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam"}
     """Local settings this rule asks for (a user's explicit local settings override them)."""
     search_space: ClassVar[dict[str, Dim]] = {}
@@ -257,9 +248,8 @@ class Algorithm(ABC):
             raise TypeError(f"{self.name}: config must be {self.Config.__name__}")
         self.check_config(self.config, len(self.active))
         self.store = store if store is not None else MemoryStore()
-        self.server: dict[str, Tensor] = {}
         self._guards: dict[str, int] = {}
-        self.init_state({k: v.detach().to(torch.float64).clone() for k, v in template.items()})
+        self.state: G = self.init_state({k: v.detach().to(torch.float64).clone() for k, v in template.items()})
 
     # -- checks that need the federation's size ----------------------------------------------------------
     @classmethod
@@ -270,16 +260,21 @@ class Algorithm(ABC):
 
     # -- the rule -------------------------------------------------------------------------------------
     @abstractmethod
-    def init_state(self, init_mean: Params) -> None:
-        """Set the round-0 state from the model's initial weights."""
+    def init_state(self, init_mean: Params) -> G:
+        """The round-0 global state, from the model's initial weights."""
 
     @abstractmethod
     def configure(self, client: int, server_round: int) -> ClientTask:
         """The prior (and start point) for ``client`` in ``server_round``."""
 
-    @abstractmethod
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
-        """Update the state from the replies of this round (absent clients stay stale)."""
+        """Validate every reply (:meth:`check_updates`), then :meth:`update`: a bad reply changes nothing."""
+        self.check_updates(updates)
+        self.update(server_round, updates)
+
+    @abstractmethod
+    def update(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        """Update the state from this round's validated replies (absent clients stay stale)."""
 
     @abstractmethod
     def global_mean(self) -> Params:
@@ -316,19 +311,12 @@ class Algorithm(ABC):
         out, self._guards = self._guards, {}
         return out
 
-    def client_site(self, client: int, prefix: str = "site") -> DiagGaussian:
-        g = gaussian_from(prefix, self.store.get_all(client), self.names)
-        return g if g is not None else self.flat_prior()
+    def client(self, client: int) -> C:
+        """Client ``client``'s state (every field ``None`` for a client never heard from)."""
+        return cast(C, self.ClientState.from_tensors(self.store.get_all(client), self.names))
 
-    def sum_over_clients(self, prefix: str) -> DiagGaussian:
-        total = self.flat_prior()
-        for c in self.store.clients():
-            if c not in self.active:
-                continue
-            g = gaussian_from(prefix, self.store.get_all(c), self.names)
-            if g is not None:
-                total = total + g
-        return total
+    def set_client(self, client: int, state: C) -> None:
+        self.store.put_all(client, state.to_tensors())
 
     def check_update(self, u: ClientUpdate, need_site: bool) -> None:
         if not 0 <= u.client < self.K:
@@ -374,17 +362,17 @@ class Algorithm(ABC):
     # -- state ----------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         """Everything the rule needs to continue, as flat named tensors (server + every client)."""
-        out = {f"server/{k}": v for k, v in self.server.items()}
+        out = {f"server/{k}": v for k, v in self.state.to_tensors().items()}
         for c in self.store.clients():
             out.update({f"client/{c}/{k}": v for k, v in self.store.get_all(c).items()})
         return out
 
     def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
         server = {k[len("server/"):]: v.clone() for k, v in tensors.items() if k.startswith("server/")}
-        missing = set(self.server) - set(server)
+        missing = set(self.state.to_tensors()) - set(server)
         if missing:
             raise ValueError(f"{self.name}: checkpoint lacks server tensors {sorted(missing)[:5]}")
-        self.server = server
+        self.state = cast(G, self.GlobalState.from_tensors(server, self.names))
         per: dict[int, dict[str, Tensor]] = {}
         for k, v in tensors.items():
             if k.startswith("client/"):

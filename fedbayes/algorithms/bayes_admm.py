@@ -46,23 +46,26 @@ IVON lr 5e-5, h₀ 1e-3, β2 0.9998, 10 epochs, batch 32, cosine lr over rounds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
-from fedbayes.algorithms.base import (
-    Algorithm,
-    ClientTask,
-    ClientUpdate,
-    KScaledRho,
-    gaussian_from,
-    gaussian_to,
-)
+from fedbayes.algorithms.base import Algorithm, ClientTask, ClientUpdate, KScaledRho, PosteriorState
 from fedbayes.algorithms.space import Dim, LogUniform
+from fedbayes.algorithms.state import State
 from fedbayes.gaussian import DiagGaussian, Params
 
-__all__ = ["BayesADMM", "BayesADMMConfig"]
+__all__ = ["BayesADMM", "BayesADMMConfig", "Client"]
+
+
+@dataclass(frozen=True)
+class Client(State):
+    dual: DiagGaussian | None = None
+    """λ̂ₖ (zero for a client never heard from)."""
+    post: DiagGaussian | None = None
+    """λₖ = πₖ + λ̃ₖ, the client's last posterior (λ₀ for a client never heard from)."""
 
 
 class BayesADMMConfig(KScaledRho):
@@ -77,7 +80,7 @@ class BayesADMMConfig(KScaledRho):
     signed_sites: bool = Field(True, description="send s̃ = ess·h unclamped (the paper); false: clamp s̃ ≥ 0 as PVI")
 
 
-class BayesADMM(Algorithm):
+class BayesADMM(Algorithm[PosteriorState, Client]):
     name: ClassVar[str] = "bayes-admm"
     summary: ClassVar[str] = "IVON-ADMM: duals in natural parameters (Möllenhoff et al. 2025)"
     search_space: ClassVar[dict[str, Dim]] = {
@@ -91,6 +94,8 @@ class BayesADMM(Algorithm):
     signed_sites: ClassVar[bool] = True  # replies are checked as prior + site > 0 (also right for clamped sites)
     Config = BayesADMMConfig
     config: BayesADMMConfig
+    GlobalState = PosteriorState
+    ClientState = Client
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "ivon"}
     removal_estimators: ClassVar[tuple[str, ...]] = ("corrected-dual", "dual")
 
@@ -104,20 +109,22 @@ class BayesADMM(Algorithm):
         a = self.config.server_step
         return a if a is not None else 1.0 / (1.0 + self.rho * len(self.active))
 
-    def init_state(self, init_mean: Params) -> None:
-        self.server = {**gaussian_to("global", self.prior0(self.config.prior_prec))}
-        self.server.update({f"start/{k}": v for k, v in init_mean.items()})
+    def init_state(self, init_mean: Params) -> PosteriorState:
+        return PosteriorState(posterior=self.prior0(self.config.prior_prec), start=init_mean)
 
     def global_posterior(self) -> DiagGaussian:
-        g = gaussian_from("global", self.server, self.names)
-        assert g is not None
-        return g
+        return self.state.posterior
+
+    def dual(self, client: int) -> DiagGaussian:
+        """λ̂ₖ (zero for a client never heard from)."""
+        d = self.client(client).dual
+        return d if d is not None else self.flat_prior()
 
     def global_mean(self) -> Params:
         return self.floor(self.global_posterior()).mean()
 
     def _prior_for(self, client: int, count: bool = False) -> DiagGaussian:
-        prior = self.global_posterior() - self.client_site(client, "dual").scale(1.0 / self.rho)
+        prior = self.global_posterior() - self.dual(client).scale(1.0 / self.rho)
         if not self.config.safe_prior:
             return prior
         # where S̄ − V̂ₖ/ρ < δ, send N(m̄, 1/δ) instead: a prior with (near-)negative precision makes the local
@@ -135,7 +142,7 @@ class BayesADMM(Algorithm):
     def configure(self, client: int, server_round: int) -> ClientTask:
         glob = self.floor(self.global_posterior())
         first = server_round <= 1
-        start = {k: self.server[f"start/{k}"] for k in self.names} if first else glob.mean()
+        start = self.state.start if first else glob.mean()
         # IVON restarts at the global posterior (m̄, S̄) every round, h₀ = (S̄ − s_π)/ess exactly; in round 1
         # the global is only the prior (h₀ would be 0: σ² = 1/δ of sampling noise), so hess-init applies there.
         return ClientTask(
@@ -145,32 +152,29 @@ class BayesADMM(Algorithm):
             overrides={"ess_scale": self.rho, "signed_site": self.config.signed_sites},
         )
 
-    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
-        self.check_updates(updates)  # FIX: validate all replies before touching state (base.check_updates)
+    def update(self, server_round: int, updates: list[ClientUpdate]) -> None:
         rho, gamma = self.rho, self.config.damping
         glob = self.global_posterior()
         lam0 = self.prior0(self.config.prior_prec)
         for u in updates:
-            assert u.site is not None
+            assert u.site is not None  # checked by aggregate
             post = self._prior_for(u.client) + u.site.to(dtype=glob.dtype)  # λₖ = πₖ + λ̃ₖ
             # > 0 by construction (IVON's ess·(h + δ)) and checked on arrival in float32; guard float64 round-off
             self.count_guard("min-prec", sum(int((v < self.config.min_prec).sum()) for v in post.prec.values()))
             post = self.floor(post)
-            dual = self.client_site(u.client, "dual") + (post - glob).scale(gamma * rho)
-            self.store.put_all(u.client, {**gaussian_to("dual", dual), **gaussian_to("post", post)})
+            dual = self.dual(u.client) + (post - glob).scale(gamma * rho)
+            self.set_client(u.client, Client(dual=dual, post=post))
         mean_post = self.flat_prior()
         dual_sum = self.flat_prior()
         for c in self.active:
-            d = self.store.get_all(c)
-            post_c = gaussian_from("post", d, self.names)
-            mean_post = mean_post + (post_c if post_c is not None else lam0).scale(1.0 / len(self.active))
-            dual_c = gaussian_from("dual", d, self.names)
-            if dual_c is not None:
-                dual_sum = dual_sum + dual_c
+            st = self.client(c)
+            mean_post = mean_post + (st.post if st.post is not None else lam0).scale(1.0 / len(self.active))
+            if st.dual is not None:
+                dual_sum = dual_sum + st.dual
         a = self.alpha
         new = mean_post.scale(1 - a) + (lam0 + dual_sum).scale(a)
         self.count_guard("min-prec", sum(int((v < self.config.min_prec).sum()) for v in new.prec.values()))
-        self.server.update(gaussian_to("global", self.floor(new)))
+        self.state = self.state.replace(posterior=self.floor(new))
 
     def contributions(self, estimator: str) -> dict[int, DiagGaussian]:
         """``corrected-dual`` (default): ĝₖ = λ̂ₖ + (1 − γ)ρ(λₖ − λ̄); ``dual``: ĝₖ = λ̂ₖ.
@@ -184,11 +188,10 @@ class BayesADMM(Algorithm):
         glob = self.global_posterior()
         out: dict[int, DiagGaussian] = {}
         for c in self.store.clients():
-            d = self.store.get_all(c)
-            dual = gaussian_from("dual", d, self.names)
+            st = self.client(c)
+            dual, post = st.dual, st.post
             if dual is None:
                 continue
-            post = gaussian_from("post", d, self.names)
             if estimator == "corrected-dual" and post is not None and gamma < 1.0:
                 dual = dual + (post - glob).scale((1.0 - gamma) * rho)
             out[c] = dual

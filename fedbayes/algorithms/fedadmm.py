@@ -17,54 +17,60 @@ we implement the standard consensus ADMM instead (its fixed point is the minimis
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import Field
 
-from fedbayes.algorithms.base import (
-    Algorithm,
-    AlgorithmConfig,
-    ClientTask,
-    ClientUpdate,
-    params_from,
-    params_to,
-)
+from fedbayes.algorithms.base import Algorithm, AlgorithmConfig, ClientTask, ClientUpdate
 from fedbayes.algorithms.space import Dim, LogUniform
+from fedbayes.algorithms.state import State
 from fedbayes.gaussian import DiagGaussian, Params
 
 __all__ = ["FedADMM", "FedADMMConfig"]
+
+
+@dataclass(frozen=True)
+class Global(State):
+    mean: Params
+    """m_g."""
+    init: Params | None = None
+    """The round-0 mean: mₖ of a client never heard from (set at the first update)."""
+
+
+@dataclass(frozen=True)
+class Client(State):
+    local: Params | None = None
+    """mₖ, the client's last local solution."""
+    dual: Params | None = None
+    """yₖ."""
 
 
 class FedADMMConfig(AlgorithmConfig):
     rho: float = Field(0.01, gt=0.0, description="ADMM penalty ρ (per example)")
 
 
-class FedADMM(Algorithm):
+class FedADMM(Algorithm[Global, Client]):
     name: ClassVar[str] = "fedadmm"
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam", "lr": 1e-3}
     summary: ClassVar[str] = "consensus ADMM with per-client duals (Boyd et al. 2011; Gong et al. 2022)"
     search_space: ClassVar[dict[str, Dim]] = {"lr": LogUniform(1e-4, 1e-2), "rho": LogUniform(1e-4, 1.0)}
     Config = FedADMMConfig
     config: FedADMMConfig
+    GlobalState = Global
+    ClientState = Client
 
-    def init_state(self, init_mean: Params) -> None:
-        self.server = params_to("mean", init_mean)
-        self._init = init_mean
+    def init_state(self, init_mean: Params) -> Global:
+        return Global(mean=init_mean)
 
     def global_mean(self) -> Params:
-        out = params_from("mean", self.server, self.names)
-        assert out is not None
-        return out
+        return self.state.mean
 
     def _client(self, k: int) -> tuple[Params, Params]:
-        d = self.store.get_all(k)
-        m = params_from("local", d, self.names) or self.global_mean_at_start()
-        y = params_from("dual", d, self.names) or self.zeros()
-        return m, y
-
-    def global_mean_at_start(self) -> Params:
-        init = params_from("init", self.server, self.names)
-        return init if init is not None else self.global_mean()
+        """(mₖ, yₖ); a client never heard from counts as the round-0 mean with a zero dual."""
+        st = self.client(k)
+        m = st.local if st.local is not None else (self.state.init or self.state.mean)
+        return m, st.dual if st.dual is not None else self.zeros()
 
     def configure(self, client: int, server_round: int) -> ClientTask:
         rho = self.config.rho
@@ -73,13 +79,12 @@ class FedADMM(Algorithm):
         prior = DiagGaussian({k: rho * m_g[k] - y[k] for k in self.names}, self.full(rho))
         return ClientTask(prior=prior, start_mean=m_g, overrides={"prior_per_example": True})
 
-    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
-        self.check_updates(updates)  # FIX: validate all replies before touching state (base.check_updates)
+    def update(self, server_round: int, updates: list[ClientUpdate]) -> None:
         if not updates:
             return
         rho = self.config.rho
-        if "init/" + self.names[0] not in self.server:  # remember the round-0 mean for never-seen clients
-            self.server.update(params_to("init", self.global_mean()))
+        init = self.state.init or self.state.mean  # remember the round-0 mean for never-seen clients
+        self.state = self.state.replace(init=init)
         fresh = {u.client: self.mean_of(u) for u in updates}
         acc = self.zeros()
         duals: dict[int, Params] = {}
@@ -90,7 +95,7 @@ class FedADMM(Algorithm):
             duals[c] = y
             for k in self.names:
                 acc[k] += (m[k] + y[k] / rho) / len(self.active)
-        self.server.update(params_to("mean", acc))
+        self.state = self.state.replace(mean=acc)
         for c, m in fresh.items():
             y = {k: duals[c][k] + rho * (m[k] - acc[k]) for k in self.names}
-            self.store.put_all(c, {**params_to("local", m), **params_to("dual", y)})
+            self.set_client(c, Client(local=m, dual=y))

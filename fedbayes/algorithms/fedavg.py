@@ -8,13 +8,22 @@ bayes-admm reference code does).  Server:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fedbayes.algorithms.base import Algorithm, ClientTask, ClientUpdate, params_from, params_to
+from fedbayes.algorithms.base import Algorithm, ClientTask, ClientUpdate
 from fedbayes.algorithms.space import Dim, LogUniform
+from fedbayes.algorithms.state import NoState, State
 from fedbayes.gaussian import Params
 
-__all__ = ["FedAvg", "weighted_mean"]
+__all__ = ["FedAvg", "MeanState", "weighted_mean"]
+
+
+@dataclass(frozen=True)
+class MeanState(State):
+    """A global mean m_g (FedAvg, FedProx)."""
+
+    mean: Params
 
 
 def weighted_mean(updates: list[ClientUpdate], names: list[str]) -> Params:
@@ -22,24 +31,22 @@ def weighted_mean(updates: list[ClientUpdate], names: list[str]) -> Params:
     return {k: sum((u.num_examples / total) * Algorithm.mean_of(u)[k] for u in updates) for k in names}  # type: ignore[misc]
 
 
-class FedAvg(Algorithm):
+class FedAvg(Algorithm[MeanState, NoState]):
     name: ClassVar[str] = "fedavg"
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam", "lr": 1e-3}
     summary: ClassVar[str] = "weighted average of local models (McMahan et al. 2017)"
     search_space: ClassVar[dict[str, Dim]] = {"lr": LogUniform(1e-4, 1e-2)}
+    GlobalState = MeanState
 
-    def init_state(self, init_mean: Params) -> None:
-        self.server = params_to("mean", init_mean)
+    def init_state(self, init_mean: Params) -> MeanState:
+        return MeanState(mean=init_mean)
 
     def global_mean(self) -> Params:
-        out = params_from("mean", self.server, self.names)
-        assert out is not None
-        return out
+        return self.state.mean
 
     def configure(self, client: int, server_round: int) -> ClientTask:
         return ClientTask(prior=self.flat_prior(), start_mean=self.global_mean())
 
-    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
-        self.check_updates(updates)  # FIX: validate all replies before touching state (base.check_updates)
+    def update(self, server_round: int, updates: list[ClientUpdate]) -> None:
         if updates:
-            self.server = params_to("mean", weighted_mean(updates, self.names))
+            self.state = MeanState(mean=weighted_mean(updates, self.names))

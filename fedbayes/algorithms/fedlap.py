@@ -21,22 +21,31 @@ would leave a sigmoid MLP symmetric); its prior is N(0, δ⁻¹I), as in the ref
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import Field
 
-from fedbayes.algorithms.base import (
-    Algorithm,
-    ClientTask,
-    ClientUpdate,
-    KScaledRho,
-    params_from,
-    params_to,
-)
+from fedbayes.algorithms.base import Algorithm, ClientTask, ClientUpdate, KScaledRho
 from fedbayes.algorithms.space import Dim, LogUniform
+from fedbayes.algorithms.state import State
 from fedbayes.gaussian import DiagGaussian, Params
 
 __all__ = ["FedLap", "FedLapConfig"]
+
+
+@dataclass(frozen=True)
+class Global(State):
+    mean: Params
+    """m_g = Σₖ vₖ."""
+    start: Params | None = None
+    """Round 1's start point (the model's initial weights)."""
+
+
+@dataclass(frozen=True)
+class Client(State):
+    dual: Params | None = None
+    """vₖ, the site's (scaled) natural mean."""
 
 
 class FedLapConfig(KScaledRho):
@@ -45,7 +54,7 @@ class FedLapConfig(KScaledRho):
     rho_k: float | None = Field(None, gt=0.0, le=2.0, description="Kρ, the server step (default 1; K-free)")
 
 
-class FedLap(Algorithm):
+class FedLap(Algorithm[Global, Client]):
     name: ClassVar[str] = "fedlap"
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam", "lr": 1e-3}
     summary: ClassVar[str] = "isotropic Laplace PVI = ADMM with prior δ (Swaroop et al. 2025)"
@@ -54,39 +63,42 @@ class FedLap(Algorithm):
     }
     Config = FedLapConfig
     config: FedLapConfig
+    GlobalState = Global
+    ClientState = Client
 
     @property
     def rho(self) -> float:
         """ρ = ``rho`` if given, else ``rho-k``/K (K the federation's size)."""
         return self.config.effective_rho(len(self.active))
 
-    def init_state(self, init_mean: Params) -> None:
-        self.server = {**params_to("mean", self.zeros()), **params_to("start", init_mean)}
+    def init_state(self, init_mean: Params) -> Global:
+        return Global(mean=self.zeros(), start=init_mean)
 
     def global_mean(self) -> Params:
-        out = params_from("mean", self.server, self.names)
-        assert out is not None
-        return out
+        return self.state.mean
+
+    def _dual(self, client: int) -> Params:
+        v = self.client(client).dual
+        return v if v is not None else self.zeros()
 
     def configure(self, client: int, server_round: int) -> ClientTask:
         d = self.config.prior_prec
         m_g = self.global_mean()
-        v = params_from("dual", self.store.get_all(client), self.names) or self.zeros()
+        v = self._dual(client)
         prior = DiagGaussian({k: d * (m_g[k] - v[k]) for k in self.names}, self.full(d))
-        start = (params_from("start", self.server, self.names) or m_g) if server_round <= 1 else m_g
+        start = (self.state.start or m_g) if server_round <= 1 else m_g
         return ClientTask(prior=prior, start_mean=start)
 
-    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
-        self.check_updates(updates)  # FIX: validate all replies before touching state (base.check_updates)
+    def update(self, server_round: int, updates: list[ClientUpdate]) -> None:
         rho = self.rho
         m_g = self.global_mean()
         for u in updates:
-            v = params_from("dual", self.store.get_all(u.client), self.names) or self.zeros()
+            v = self._dual(u.client)
             m = self.mean_of(u)
-            self.store.put_all(u.client, params_to("dual", {k: v[k] + rho * (m[k] - m_g[k]) for k in self.names}))
+            self.set_client(u.client, Client(dual={k: v[k] + rho * (m[k] - m_g[k]) for k in self.names}))
         total = self.zeros()
         for c in self.active:  # an excluded client's stored dual (a run forgetting it) is not in the sum
-            dual = params_from("dual", self.store.get_all(c), self.names)
+            dual = self.client(c).dual
             if dual is not None:
                 total = {k: total[k] + dual[k] for k in self.names}
-        self.server.update(params_to("mean", total))
+        self.state = self.state.replace(mean=total)

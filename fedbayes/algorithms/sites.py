@@ -11,24 +11,23 @@ precisions are ≥ 0, so cavities are at least λ₀ in exact arithmetic).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from pydantic import Field
 
-from fedbayes.algorithms.base import (
-    Algorithm,
-    AlgorithmConfig,
-    ClientTask,
-    ClientUpdate,
-    gaussian_from,
-    gaussian_to,
-    params_from,
-    params_to,
-)
+from fedbayes.algorithms.base import Algorithm, AlgorithmConfig, ClientTask, ClientUpdate, PosteriorState
+from fedbayes.algorithms.state import State
 from fedbayes.gaussian import DiagGaussian, Params
 
-__all__ = ["SiteConfig", "SiteRule"]
+__all__ = ["SiteClient", "SiteConfig", "SiteRule"]
+
+
+@dataclass(frozen=True)
+class SiteClient(State):
+    site: DiagGaussian | None = None
+    """λ̃ₖ, the damped site the global sums (none: a client never heard from, a zero site)."""
 
 
 class SiteConfig(AlgorithmConfig):
@@ -37,10 +36,12 @@ class SiteConfig(AlgorithmConfig):
     prior_prec: float = Field(1.0, gt=0.0, description="δ: precision of the prior λ₀ = N(0, δ⁻¹I)")
 
 
-class SiteRule(Algorithm):
+class SiteRule(Algorithm[PosteriorState, SiteClient]):
     bayesian: ClassVar[bool] = True
     Config: ClassVar[type[AlgorithmConfig]] = SiteConfig
     config: SiteConfig
+    GlobalState = PosteriorState
+    ClientState = SiteClient
     warm_start_prec: ClassVar[bool] = False
     removal_estimators: ClassVar[tuple[str, ...]] = ("site",)
 
@@ -49,35 +50,40 @@ class SiteRule(Algorithm):
         """The site damping used by :meth:`aggregate` (FedLap-Cov derives it from K)."""
         raise NotImplementedError
 
-    def init_state(self, init_mean: Params) -> None:
-        self.server = {**gaussian_to("global", self.prior0(self.config.prior_prec)), **params_to("start", init_mean)}
+    def init_state(self, init_mean: Params) -> PosteriorState:
+        return PosteriorState(posterior=self.prior0(self.config.prior_prec), start=init_mean)
 
     def global_posterior(self) -> DiagGaussian:
-        g = gaussian_from("global", self.server, self.names)
-        assert g is not None
-        return g
+        return self.state.posterior
+
+    def site(self, client: int) -> DiagGaussian:
+        """λ̃ₖ (zero for a client never heard from)."""
+        s = self.client(client).site
+        return s if s is not None else self.flat_prior()
 
     def global_mean(self) -> Params:
         return self.floor(self.global_posterior()).mean()
 
     def configure(self, client: int, server_round: int) -> ClientTask:
         glob = self.floor(self.global_posterior())
-        cavity = self.floor(glob - self.client_site(client))
-        start = params_from("start", self.server, self.names) if server_round <= 1 else glob.mean()
+        cavity = self.floor(glob - self.site(client))
+        start = self.state.start if server_round <= 1 else glob.mean()
         # warm start at the global posterior (h₀ = site/ess exactly); round 1 has no evidence yet: hess-init
         warm = self.warm_start_prec and server_round > 1
         return ClientTask(prior=cavity, start_mean=start, start_prec=glob.prec if warm else None)
 
-    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> None:
-        self.check_updates(updates)  # FIX: validate all replies before touching state (base.check_updates)
+    def update(self, server_round: int, updates: list[ClientUpdate]) -> None:
         rho = self.rho
         for u in updates:
-            assert u.site is not None
+            assert u.site is not None  # checked by aggregate
             new = u.site.to(dtype=torch.float64)
-            old = self.client_site(u.client)
-            self.store.put_all(u.client, gaussian_to("site", old.scale(1 - rho) + new.scale(rho)))
-        glob = self.prior0(self.config.prior_prec) + self.sum_over_clients("site")
-        self.server.update(gaussian_to("global", glob))
+            self.set_client(u.client, SiteClient(site=self.site(u.client).scale(1 - rho) + new.scale(rho)))
+        total = self.flat_prior()
+        for c in self.active:  # an excluded client's stored site (a run forgetting it) is not in the sum
+            site = self.client(c).site
+            if site is not None:
+                total = total + site
+        self.state = self.state.replace(posterior=self.prior0(self.config.prior_prec) + total)
 
     def contributions(self, estimator: str) -> dict[int, DiagGaussian]:
         """``site``: ĝₖ = λ̃ₖ, the stored (damped) site.  The server keeps λ = λ₀ + Σₖ λ̃ₖ over all K (stale sites
@@ -86,7 +92,7 @@ class SiteRule(Algorithm):
             raise ValueError(f"unknown estimator '{estimator}' for {self.name}; valid: {list(self.removal_estimators)}")
         out: dict[int, DiagGaussian] = {}
         for c in self.store.clients():
-            g = gaussian_from("site", self.store.get_all(c), self.names)
+            g = self.client(c).site
             if g is not None:
                 out[c] = g
         return out

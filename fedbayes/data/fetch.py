@@ -39,15 +39,17 @@ from typing import Literal
 
 import numpy as np
 
-from fedbayes.data.datasets import (
+from fedbayes.data.cache import (
     MANIFEST,
     DatasetCorruptedError,
     DatasetNotFoundError,
     dataset_dir,
-    get_spec,
-    read_adult_csv,
     sha256_file,
     verify_cache,
+)
+from fedbayes.data.datasets import get_spec
+from fedbayes.data.loaders import (
+    read_adult_csv,
 )
 
 __all__ = [

@@ -36,62 +36,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LEGACY_RNG", "PARTITIONERS", "Partitioner", "partition", "pool", "split_summary"]
+from fedbayes.data.paper_split import paper_counts, paper_partition
+from fedbayes.data.split_utils import (
+    check_int,
+    check_positive_float,
+    finalise,
+    is_regression,
+    largest_remainder,
+    split_by_counts,
+)
+
+__all__ = [
+    "LEGACY_RNG", "PARTITIONERS", "Partitioner", "paper_counts", "paper_partition", "partition", "pool",
+    "split_summary",
+]
 
 Partitioner = Callable[..., list[np.ndarray]]
 """``f(y, num_clients, rng, **params) -> list of int64 index arrays``."""
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _is_regression(y: np.ndarray) -> bool:
-    """Float targets are treated as regression (no classes); integer/bool/str labels as classes."""
-    return bool(np.issubdtype(y.dtype, np.floating))
-
-
-def _finalise(parts: list[np.ndarray]) -> list[np.ndarray]:
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-
-
-def _check_positive_float(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number (> 0), got {value!r}")
-    return v
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    v = int(value)
-    if v < low or (high is not None and v > high):
-        valid = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {valid}, got {v}")
-    return v
-
-
-def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
-    """Integer counts proportional to ``weights`` (>= 0, positive sum) that sum exactly to ``total``.
-
-    Floors ``total * w / sum(w)`` and hands the remaining units to the largest fractional parts
-    (ties go to the lower index, so the result is deterministic).
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    exact = w / w.sum() * total
-    counts = np.floor(exact).astype(np.int64)
-    short = total - int(counts.sum())
-    if short > 0:
-        order = np.argsort(-(exact - counts), kind="stable")
-        counts[order[:short]] += 1
-    return counts
-
-
-def _split_by_counts(idx: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
-    return np.split(idx, np.cumsum(counts)[:-1])
 
 
 # ------------------------------------------------------------------------------------------------- iid
@@ -105,7 +66,7 @@ def iid_partition(y: np.ndarray, num_clients: int, rng: np.random.Generator) -> 
     n = len(y)
     if num_clients > n:
         raise ValueError(f"num_clients must be in [1, {n}] (one example per client at least), got {num_clients}")
-    return _finalise(np.array_split(rng.permutation(n), num_clients))
+    return finalise(np.array_split(rng.permutation(n), num_clients))
 
 
 # ------------------------------------------------------------------------------------------- dirichlet
@@ -165,9 +126,9 @@ def dirichlet_partition(
     min_size
         Minimum examples per client, >= 1.
     """
-    size_alpha = _check_positive_float("size_alpha", size_alpha)
-    class_alpha = _check_positive_float("class_alpha", class_alpha)
-    min_size = _check_int("min_size", min_size, 1)
+    size_alpha = check_positive_float("size_alpha", size_alpha)
+    class_alpha = check_positive_float("class_alpha", class_alpha)
+    min_size = check_int("min_size", min_size, 1)
     n = len(y)
     if num_clients * min_size > n:
         raise ValueError(
@@ -177,10 +138,10 @@ def dirichlet_partition(
     if not np.all(np.isfinite(shares)) or shares.sum() <= 0:  # pragma: no cover - numerical guard
         shares = np.full(num_clients, 1.0 / num_clients)
 
-    if _is_regression(y):
-        counts = _largest_remainder(shares, n)[:, None]
+    if is_regression(y):
+        counts = largest_remainder(shares, n)[:, None]
         counts = _enforce_min_size(counts, min_size)
-        return _finalise(_split_by_counts(rng.permutation(n), counts[:, 0]))
+        return finalise(split_by_counts(rng.permutation(n), counts[:, 0]))
 
     classes, y_idx = np.unique(y, return_inverse=True)
     class_sizes = np.bincount(y_idx, minlength=len(classes))
@@ -191,15 +152,15 @@ def dirichlet_partition(
         col = raw[:, c]
         if not np.all(np.isfinite(col)) or col.sum() <= 0:
             col = shares
-        counts[:, c] = _largest_remainder(col, int(n_c))
+        counts[:, c] = largest_remainder(col, int(n_c))
     counts = _enforce_min_size(counts, min_size)
 
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for c in range(len(classes)):
         idx_c = rng.permutation(np.flatnonzero(y_idx == c))
-        for k, block in enumerate(_split_by_counts(idx_c, counts[:, c])):
+        for k, block in enumerate(split_by_counts(idx_c, counts[:, c])):
             parts[k].append(block)
-    return _finalise([np.concatenate(p) for p in parts])
+    return finalise([np.concatenate(p) for p in parts])
 
 
 def _enforce_min_size(counts: np.ndarray, min_size: int) -> np.ndarray:
@@ -254,21 +215,21 @@ def shards_partition(
         ``num_clients`` exceeds the number of examples, or the capacities cannot fit
         ``num_clients * classes_per_client`` class slots.
     """
-    if _is_regression(y):
+    if is_regression(y):
         raise ValueError("the 'shards' scheme needs class labels; use 'iid' or 'dirichlet' for regression")
     classes, y_idx = np.unique(y, return_inverse=True)
     num_classes = len(classes)
     class_sizes = np.bincount(y_idx, minlength=num_classes)
     n = len(y)
-    k = _check_int("classes_per_client", classes_per_client, 1, num_classes)
+    k = check_int("classes_per_client", classes_per_client, 1, num_classes)
     if num_clients * k > n:
         raise ValueError(
             f"num_clients must be in [1, {n // k}] for {n} examples with classes_per_client={k}, got {num_clients}"
         )
     if per_class is not None:
-        per_class = _check_int("per_class", per_class, 1, int(class_sizes.max()))
+        per_class = check_int("per_class", per_class, 1, int(class_sizes.max()))
     if max_uses is not None:
-        max_uses = _check_int("max_uses", max_uses, 1, num_clients)
+        max_uses = check_int("max_uses", max_uses, 1, num_clients)
     slots = num_clients * k
 
     if per_class is not None:
@@ -327,126 +288,7 @@ def shards_partition(
             blocks.append(pools[c][offset[c] : offset[c] + per_class])
             offset[c] += per_class
         parts.append(np.concatenate(blocks))
-    return _finalise(parts)
-
-
-# ----------------------------------------------------------------------------------------------- paper
-
-
-def paper_counts(
-    class_sizes: np.ndarray,
-    num_clients: int,
-    rng: np.random.RandomState,
-    *,
-    size_alpha: float,
-    class_alpha: float,
-    per_class: int,
-) -> np.ndarray:
-    r"""The ``(num_clients, num_classes)`` example counts of :func:`paper_partition` (steps 1 and 3).
-
-    Draws the size shares and class shares from ``rng`` (in that order) and returns
-    :math:`n_{kc} = \mathrm{round}(P\, p_k q_{kc} / \sum_j p_j q_{jc})` with counts of 1 raised to 2.
-
-    Raises
-    ------
-    ValueError
-        If a class would need more examples than it has (``per_class`` too close to its size).
-    """
-    num_classes = len(class_sizes)
-    shares = rng.dirichlet(np.full(num_clients, size_alpha))
-    mixes = rng.dirichlet(np.full(num_classes, class_alpha), num_clients)
-    weights = shares[:, None] * mixes  # (K, C)
-    exact = per_class * weights / weights.sum(axis=0, keepdims=True)
-    counts = np.rint(exact).astype(np.int64)  # round half to even, as Python's round()
-    counts[counts == 1] = 2
-    need = counts.sum(axis=0)
-    short = np.flatnonzero(need > class_sizes)
-    if len(short):
-        c = int(short[0])
-        raise ValueError(
-            f"per_class={per_class} is too large: after rounding (and raising counts of 1 to 2) class {c} needs "
-            f"{int(need[c])} examples but has {int(class_sizes[c])}"
-        )
-    return counts
-
-
-def paper_partition(
-    y: np.ndarray,
-    num_clients: int,
-    rng: np.random.RandomState,
-    *,
-    per_class: int,
-    size_alpha: float = 1.0,
-    class_alpha: float = 0.5,
-) -> list[np.ndarray]:
-    r"""The reference code's split, draw for draw: the papers' ``fashionmnist_10p_non_iid`` / ``_iid``.
-
-    Reproduces the behaviour of ``data_generators.py`` of team-approx-bayes/bayes-admm (commit bd80f94,
-    GPL; facts only, no code taken) on the full training file. With :math:`K` clients, classes
-    :math:`c = 0, \dots, C-1` (the sorted labels) and :math:`P` = ``per_class``:
-
-    1. Size shares :math:`p \sim \mathrm{Dir}(\alpha_s \mathbf{1}_K)`, then class shares
-       :math:`q_k \sim \mathrm{Dir}(\alpha_c \mathbf{1}_C)` for :math:`k = 0, \dots, K-1` (one call,
-       rows are clients), both from ``rng``.
-    2. For each class :math:`c` in order: its indices in file order (``np.where(y == c)``), shuffled in
-       place by ``rng.shuffle``.
-    3. For each client :math:`k` in order: :math:`n_{kc} = \mathrm{round}(P\, p_k q_{kc} / \sum_j p_j q_{jc})`,
-       and 2 where that gives 1; client :math:`k` takes the next :math:`n_{kc}` indices of the shuffled
-       class.
-    4. A client's examples are the concatenation of its slices over the classes, in that order (not
-       sorted: a client's minibatches are cut from this order).
-
-    The papers use ``rng = np.random.RandomState(62)`` (the stream of ``np.random.seed(62)``),
-    :math:`K = 10`, :math:`P = 600` ("10p"), :math:`\alpha_s = 1, \alpha_c = 0.5` (non-iid: 6,009
-    examples, client sizes 30 to 1,789) or :math:`\alpha_s = \alpha_c = 10^{15}` (iid: 600 examples per
-    client, 60 per class). Because of the rounding and the 1-to-2 rule the total is only close to
-    :math:`P C`; examples not taken are not assigned to anyone.
-
-    Parameters
-    ----------
-    y
-        Integer class labels of the whole training file, shape ``(N,)``.
-    num_clients
-        Number of clients :math:`K`.
-    rng
-        numpy's legacy generator (``np.random.RandomState(seed)``); the shares and shuffles are drawn from
-        it in the order above.
-    per_class
-        Examples drawn from each class, in ``[1, min_c N_c]``.
-    size_alpha, class_alpha
-        Concentrations of the size and class-share Dirichlets, > 0.
-
-    Raises
-    ------
-    ValueError
-        Regression targets, a ``per_class`` out of range, or rounding that asks a class for more
-        examples than it has.
-    """
-    if _is_regression(y):
-        raise ValueError("the 'paper' scheme needs class labels; use 'iid' or 'dirichlet' for regression")
-    size_alpha = _check_positive_float("size_alpha", size_alpha)
-    class_alpha = _check_positive_float("class_alpha", class_alpha)
-    classes, y_idx = np.unique(y, return_inverse=True)
-    class_sizes = np.bincount(y_idx, minlength=len(classes))
-    if isinstance(per_class, bool) or not isinstance(per_class, int | np.integer) or not (
-        1 <= per_class <= int(class_sizes.min())
-    ):
-        raise ValueError(
-            f"per_class must be an integer in [1, {int(class_sizes.min())}] (the smallest class has "
-            f"{int(class_sizes.min())} examples), got {per_class!r}"
-        )
-    counts = paper_counts(
-        class_sizes, num_clients, rng, size_alpha=size_alpha, class_alpha=class_alpha, per_class=int(per_class)
-    )
-    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    for c in range(len(classes)):
-        idx = np.flatnonzero(y_idx == c)
-        rng.shuffle(idx)
-        start = 0
-        for k in range(num_clients):
-            parts[k].append(idx[start : start + counts[k, c]])
-            start += int(counts[k, c])
-    return [np.concatenate(p).astype(np.int64) for p in parts]
+    return finalise(parts)
 
 
 # -------------------------------------------------------------------------------------------- registry
@@ -511,7 +353,7 @@ def partition(y: np.ndarray, num_clients: int, scheme: str, *, seed: int, **para
         raise ValueError(f"y must be one-dimensional, got shape {y.shape}")
     if len(y) == 0:
         raise ValueError("y is empty: nothing to partition")
-    num_clients = _check_int("num_clients", num_clients, 1)
+    num_clients = check_int("num_clients", num_clients, 1)
     rng: np.random.Generator | np.random.RandomState
     rng = np.random.RandomState(seed) if scheme in LEGACY_RNG else np.random.default_rng(seed)
     return PARTITIONERS[scheme](y, num_clients, rng, **params)
@@ -529,7 +371,7 @@ def split_summary(parts: list[np.ndarray], y: np.ndarray) -> str:
         return f"{int(a.min())}/{float(np.median(a)):g}/{int(a.max())}" if len(a) else "-/-/-"
 
     line = f"{len(parts)} clients, {int(sizes.sum())} examples; size min/median/max {mmm(sizes)}"
-    if not _is_regression(y):
+    if not is_regression(y):
         ncls = np.array([len(np.unique(y[p])) for p in parts], dtype=np.int64)
         line += f"; classes per client min/median/max {mmm(ncls)}"
     return line

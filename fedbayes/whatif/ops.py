@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fedbayes.algorithms import Algorithm
-from fedbayes.algorithms.base import gaussian_to
+from fedbayes.algorithms.base import PosteriorState
 from fedbayes.config import resolve
 from fedbayes.gaussian import DiagGaussian
 from fedbayes.results import ResultsWriter
@@ -48,8 +48,9 @@ def forget_state(rule: Algorithm, slots: Iterable[int], new_global: DiagGaussian
     """The checkpoint state of ``rule`` (engine layout) with the clients in ``slots`` deleted and the global
     replaced by ``new_global``; every other server and client tensor is kept as it is."""
     removed = {int(s) for s in slots}
-    server = dict(rule.server)
-    server.update(gaussian_to("global", new_global.to(dtype=torch.float64)))
+    if not isinstance(rule.state, PosteriorState):
+        raise TypeError(f"{rule.name} keeps no global posterior to replace")
+    server = rule.state.replace(posterior=new_global.to(dtype=torch.float64)).to_tensors()
     out = {f"server/{k}": v for k, v in server.items()}
     for c in rule.store.clients():
         if c not in removed:

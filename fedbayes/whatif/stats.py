@@ -10,7 +10,7 @@ import torch
 
 from fedbayes.gaussian import DiagGaussian, check_same_layout
 
-__all__ = ["deltas", "kl_diag", "rankdata", "spearman"]
+__all__ = ["deltas", "influence_stats", "kl_diag", "rankdata", "spearman"]
 
 
 def kl_diag(q: DiagGaussian, p: DiagGaussian) -> float:
@@ -61,3 +61,11 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
 def deltas(new: Mapping[str, float], old: Mapping[str, float]) -> dict[str, float]:
     """new − old for every metric present in both."""
     return {k: float(new[k]) - float(old[k]) for k in new if k in old}
+
+
+def influence_stats(pred: Sequence[float], actual: Sequence[float]) -> dict[str, float]:
+    """Spearman rank correlation, Pearson correlation and mean absolute error of predicted vs actual."""
+    p, a = np.asarray(pred, dtype=np.float64), np.asarray(actual, dtype=np.float64)
+    pearson = float(np.corrcoef(p, a)[0, 1]) if p.std() > 0 and a.std() > 0 else math.nan
+    return {"spearman": spearman(p, a), "pearson": pearson, "mae": float(np.abs(p - a).mean()),
+            "mean_abs_actual": float(np.abs(a).mean())}

@@ -1,5 +1,9 @@
 """The ``fedbayes`` command line: run, compare, evaluate, tune, tune-apply, algorithms, data fetch, bench.
 
+The command sits on top of everything: the library (``fedbayes.*``) and the experiment drivers of
+``simulations/`` (presets, ``compare``, ``tune``, the what-if commands, benchmarks), which it imports when it
+builds its parser; nothing in the library imports this module.
+
 Every configuration problem (unknown algorithm, dataset, model, preset or key; a ``--set`` of the wrong type
 or out of range) is reported with what is valid, before any training starts, with exit status 2.
 """
@@ -114,10 +118,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_algorithms(args: argparse.Namespace) -> int:
     from fedbayes.algorithms import REGISTRY
+    from fedbayes.keys import kebab
 
     for name, cls in REGISTRY.items():
         kind = "bayesian" if cls.bayesian else "point"
-        keys = ", ".join(k.replace("_", "-") for k in cls.Config.model_fields)
+        keys = ", ".join(kebab(k) for k in cls.Config.model_fields)
         print(f"{name:12s} {kind:9s} {cls.summary}  [keys: {keys}]")
     return 0
 

@@ -1,0 +1,61 @@
+"""fedbayes' messages as Flower records, in one place (the ClientApp and the ServerApp's strategy both use it).
+
+A message's content is a Flower ``RecordDict``:
+
+* one ``ArrayRecord`` per record of the wire format of :mod:`fedbayes.protocol` (``prior.eta``, ``prior.prec``,
+  ``start.mean``, ``start.prec`` down; ``site.eta``/``site.prec`` or ``mean`` up), keyed by parameter name;
+* the ``config`` ``ConfigRecord`` (down): the local settings of the client (``LocalSettings.to_wire``), ``reply``,
+  ``round``, ``partition-id``, and :data:`EXPERIMENT_KEY`, the run's resolved configuration as the JSON of its
+  ``config.json``.  The ServerApp resolves the run config (presets included) once; every ClientApp rebuilds its
+  model and data from this one resolved config, so a client never resolves presets and can never disagree with
+  the server about them;
+* the ``metrics`` ``MetricRecord`` (up): ``num-examples``, ``partition-id`` and training metrics.
+
+Imports flwr and numpy only (``import client.app`` must stay light).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+__all__ = ["CONFIG_RECORD", "EXPERIMENT_KEY", "METRIC_RECORD", "Records", "arrays_of", "content_of", "records_of"]
+
+CONFIG_RECORD = "config"
+METRIC_RECORD = "metrics"
+EXPERIMENT_KEY = "experiment"
+
+Records = dict[str, dict[str, np.ndarray]]
+
+
+def records_of(content: RecordDict) -> Records:
+    """A message's ``ArrayRecord``s -> the wire format (``{record: {parameter: array}}``)."""
+    return {name: {k: arr.numpy() for k, arr in rec.items()} for name, rec in content.array_records.items()}
+
+
+def arrays_of(rec: Mapping[str, Any]) -> ArrayRecord:
+    """Named arrays (NumPy, or tensors on any device) -> an ``ArrayRecord``."""
+    out = {}
+    for k, v in rec.items():
+        if not isinstance(v, np.ndarray):
+            v = v.detach().cpu().numpy()
+        out[k] = Array(np.ascontiguousarray(v))
+    return ArrayRecord(out)
+
+
+def content_of(
+    records: Mapping[str, Mapping[str, Any]],
+    *,
+    config: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> RecordDict:
+    """The wire format (plus a ``config`` or ``metrics`` record) -> a message's ``RecordDict``."""
+    rd = RecordDict({name: arrays_of(rec) for name, rec in records.items()})
+    if config is not None:
+        rd[CONFIG_RECORD] = ConfigRecord(dict(config))
+    if metrics is not None:
+        rd[METRIC_RECORD] = MetricRecord(dict(metrics))
+    return rd
