@@ -145,6 +145,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from simulations.bench import BENCHES
 
+    if args.name == "whatif":
+        from simulations.bench_whatif import main as bench_whatif
+
+        options = list(args.options)
+        if "--out" not in options:
+            options += ["--out", args.out if args.out != "runs/bench" else "runs/bench/whatif"]
+        return bench_whatif(options)
+    if args.options:
+        raise ValueError(f"benchmark '{args.name}' takes no options (got {args.options})")
     if args.name not in BENCHES:
         raise ValueError(f"unknown benchmark '{args.name}'; valid: {sorted(BENCHES)}")
     res = BENCHES[args.name](Path(args.out))  # type: ignore[operator]
@@ -207,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_data)
 
     b = sub.add_parser("bench", help="benchmarks; results written as JSON")
-    b.add_argument("name", help="ivon | engine | flower")
+    b.add_argument("name", help="ivon | engine | flower | whatif (`fedbayes bench whatif --help` for its options)")
     b.add_argument("--out", default="runs/bench")
+    b.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (whatif)")
     b.set_defaults(fn=cmd_bench)
 
     from simulations.whatif_cli import add_subparsers as add_whatif

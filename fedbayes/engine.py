@@ -246,10 +246,12 @@ def run_rounds(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     fail: Callable[[int, int], bool] | None = None,
     checkpoint: bool = True,
+    evaluate: bool = True,
 ) -> list[dict[str, Any]]:
     """The round loop: rounds ``start_round..stop_round`` (default ``rounds``) of a built federation; appends to
-    and returns ``rows``.  The lr schedule, participants and seeds are functions of the absolute round and the
-    configured ``rounds``, so stopping early and resuming later reproduces an uninterrupted run."""
+    and returns ``rows`` (``evaluate=False``: rows without test metrics, for callers that evaluate themselves).
+    The lr schedule, participants and seeds are functions of the absolute round and the configured ``rounds``, so
+    stopping early and resuming later reproduces an uninterrupted run."""
     stop = exp.run.rounds if stop_round is None else min(int(stop_round), exp.run.rounds)
     t_start = time.perf_counter() - (rows[-1]["wall_s"] if rows else 0.0)
     bar = None
@@ -271,7 +273,7 @@ def run_rounds(
                 continue
             rnd.receive(c, reply, metrics)
         rnd.aggregate()
-        row = rnd.row(lambda: time.perf_counter() - t_start)
+        row = rnd.row(lambda: time.perf_counter() - t_start, evaluate=evaluate)
         record_round(writer, fed.rule, row, rows, checkpoint=checkpoint)
         if on_round is not None:
             on_round(row)

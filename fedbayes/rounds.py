@@ -242,12 +242,12 @@ class Round:
         self.diagnostics = round_diagnostics(self.fed.rule, self.updates, self.reasons)
         return self.updates
 
-    def row(self, elapsed: Callable[[], float]) -> dict[str, Any]:
-        """The metrics row: the evaluation (every ``eval-every`` rounds and the last), then the round's facts;
-        ``elapsed()`` gives the run's wall time so far (read after the evaluation)."""
+    def row(self, elapsed: Callable[[], float], *, evaluate: bool = True) -> dict[str, Any]:
+        """The metrics row: the evaluation (every ``eval-every`` rounds and the last; none with ``evaluate=False``),
+        then the round's facts; ``elapsed()`` gives the run's wall time so far (read after the evaluation)."""
         exp, fed, r = self.exp, self.fed, self.server_round
         row: dict[str, Any] = {"round": r}
-        if r % exp.run.eval_every == 0 or r == exp.run.rounds:
+        if evaluate and (r % exp.run.eval_every == 0 or r == exp.run.rounds):
             x_ev, y_ev, prefix = fed.eval_data()  # the test set, or the validation set (eval-split): val_* keys
             row.update(evaluate_global(fed.rule, fed.model, x_ev, y_ev, fed.data.task, exp, r, fed.device, prefix))
         losses = [u.metrics.get("train-loss", float("nan")) for u in self.updates]

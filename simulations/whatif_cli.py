@@ -13,22 +13,20 @@ posterior without fallback, mismatched runs, an existing output folder) leaves t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simulations.whatif_report import SHOWN, fmt, run_influence
+from simulations.whatif_report import SHOWN, fmt, plot_answer, run_influence
 
 if TYPE_CHECKING:
     from fedbayes.whatif import LoadedRun
 
-__all__ = ["add_subparsers", "cmd_forget", "cmd_influence", "cmd_merge", "cmd_whatif", "cmd_whatif_bench", "main"]
+__all__ = ["add_subparsers", "cmd_forget", "cmd_influence", "cmd_merge", "cmd_whatif", "main"]
 
 
 
@@ -58,18 +56,24 @@ def _summary_line(name: str, m: dict[str, float]) -> str:
 # ============================================================================================ whatif
 def cmd_whatif(args: argparse.Namespace) -> int:
     from fedbayes.whatif import load_run, parse_clients, retrain_without, whatif, write_json, write_posterior_file
+    from fedbayes.whatif.ops import eval_subset
 
     src = Path(args.dir)
     clients = parse_clients(args.remove)
     run = load_run(src)
     run.slots(clients)  # validate before anything is written
     out = Path(args.out) if args.out else src.parent / f"{src.name}-without-{'-'.join(map(str, clients))}"
+    if args.verify and args.eval == "none":
+        raise ValueError("--verify compares metrics: it needs --eval full or subset")
     with _new_output(out, [src]) as tmp:
-        removal, report = whatif(run, clients, estimator=args.estimator, fallback=not args.no_fallback)
-        write_posterior_file(tmp / "posterior.safetensors", removal.posterior, run.rule.config.min_prec)
+        ans = whatif(run, clients, estimator=args.estimator, fallback=not args.no_fallback,
+                     refine_rounds=args.refine, evaluate=args.eval, refine_from=args.refine_from)
+        report = ans.report
+        write_posterior_file(tmp / "posterior.safetensors", ans.posterior, run.rule.config.min_prec)
         if args.verify:
             keep = tmp / "retrain" if args.keep_retrain else None
-            metrics, _post, seconds = retrain_without(run, clients, keep, progress=not args.quiet)
+            metrics, _post, seconds = retrain_without(run, clients, keep, progress=not args.quiet,
+                                                      subset=eval_subset(args.eval))
             actual = {k: metrics[k] - report["full"][k] for k in metrics if k in report["full"]}
             report["verify"] = {
                 "retrained": metrics,
@@ -79,20 +83,22 @@ def cmd_whatif(args: argparse.Namespace) -> int:
                 "retrain_s": seconds,
                 "speedup": seconds / max(report["seconds"]["answer"], 1e-12),
             }
-        write_json(tmp / "metrics.json", report)
-    v = report["validity"]
+        write_json(tmp / "answer.json", report)
+        if args.eval != "none":
+            plot_answer(tmp / "answer.png", report)
+    step = report["step_back"]
     print(f"[fedbayes] {report['algorithm']}: removed client(s) {clients} "
-          f"({report['removed_examples']} examples) with estimator '{report['estimator']}'")
-    if not v["ok"]:
-        print(f"[fedbayes] WARNING: λ₋S was not a valid Gaussian: {v['total_broken']} of {v['numel']} entries "
-              f"with precision <= {v['floor']:g} ({v['broken']}); fallback applied: {v['fallback']}")
-    if report["without_contribution"]:
-        print(f"[fedbayes] note: client(s) {report['without_contribution']} never replied (nothing to remove)")
-    print(_summary_line("trained ", report["full"]))
-    print(_summary_line("what-if ", report["whatif"]))
-    print("predicted change: " + " ".join(f"{k}={fmt(report['predicted_change'][k])}" for k in SHOWN
-                                           if k in report["predicted_change"]))
-    print(f"KL(q ‖ q₋S) = {report['kl_full_to_whatif']:.4g} nats; answer in {report['seconds']['answer']:.3f} s")
+          f"({report['removed_examples']} examples) with estimator '{report['estimator']}'"
+          + (f", then {args.refine} round(s) of {report['algorithm']} without them" if args.refine else ""))
+    if step["damped"]:
+        print(f"[fedbayes] note: {report['validity']['fallback']}")
+    if args.eval != "none":
+        print(_summary_line("trained ", report["full"]))
+        print(_summary_line("what-if ", report["whatif"]))
+        print("predicted change: " + " ".join(f"{k}={fmt(report['predicted_change'][k])}" for k in SHOWN
+                                               if k in report["predicted_change"]))
+    print(f"KL(q ‖ q₋S) = {report['kl_full_to_whatif']:.4g} nats; answer in {report['seconds']['answer']:.3f} s"
+          + (f" ({report['refine']['bytes'] / 1e6:.1f} MB of messages)" if args.refine else ""))
     if "verify" in report:
         ver = report["verify"]
         print(_summary_line("retrained", ver["retrained"]))
@@ -112,7 +118,8 @@ def cmd_influence(args: argparse.Namespace) -> int:
     run = load_run(src)  # fails (unsupported algorithm, missing checkpoint) before any folder exists
     with _new_output(out, [src]) as tmp:
         run_influence(run, tmp, verify=args.verify, estimator=args.estimator, fallback=not args.no_fallback,
-                             keep_retrains=args.keep_retrains, progress=not args.quiet)
+                      keep_retrains=args.keep_retrains, progress=not args.quiet, refine_rounds=args.refine,
+                      evaluate=args.eval)
     print((out / "influence.md").read_text())
     print(f"[fedbayes] influence.md, influence.csv, influence.png{', scatter.png' if args.verify else ''} in {out}")
     return 0
@@ -197,59 +204,24 @@ def _check_union(a: LoadedRun, b: LoadedRun, c: LoadedRun) -> list[str]:
 
 
 # ============================================================================================ benchmark
-def cmd_whatif_bench(args: argparse.Namespace) -> int:
-    """Base run per algorithm, then influence with retraining; JSON per algorithm and a summary."""
-    from fedbayes.config import parse_sets
-    from fedbayes.engine import run_experiment
-    from fedbayes.whatif import estimators, load_run, write_json
-    from simulations.presets import load_preset
-
-    preset = load_preset(args.preset)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sets = parse_sets(args.set)
-    for algo in args.algorithms.split(","):
-        base = out / algo / "run"
-        if not (base / "checkpoint" / "meta.json").exists():
-            t0 = time.perf_counter()
-            run_experiment(preset.config_for(algo, sets), base, progress=not args.quiet)
-            print(f"[fedbayes] {algo}: base run took {time.perf_counter() - t0:.0f} s", flush=True)
-        folder = out / algo / "influence"
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        extra = list(estimators(algo))[1:]
-        info = run_influence(load_run(base), folder, verify=True, progress=not args.quiet, extra_estimators=extra)
-        bench = {
-            "preset": preset.name, "algorithm": algo, "sets": sets, "round": info["round"],
-            "estimator": info["estimator"], "stats": info["stats"], "seconds": info["seconds"],
-            "other_estimators": {k: v["stats"] for k, v in info.get("other_estimators", {}).items()},
-            "full": info["full"],
-            "clients": [{k: r[k] for k in ("client", "num_examples", "predicted_change", "actual_change", "kl",
-                                           "invalid_entries", "retrain_s")} for r in info["clients"]],
-        }
-        write_json(out / algo / "bench.json", bench)
-        s = info["stats"][info["primary_metric"]]
-        print(f"[fedbayes] {algo}: Spearman {s['spearman']:.3f}, MAE {s['mae']:.4g}, speedup "
-              f"{info['seconds']['speedup']:.0f}×", flush=True)
-    summary = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/bench.json"))}
-    write_json(out / "bench.json", summary)
-    print(f"[fedbayes] {out / 'bench.json'}")
-    return 0
-
-
 # ============================================================================================ parsers
 def add_subparsers(sub: Any) -> None:
-    """Add ``whatif``, ``influence``, ``forget``, ``merge`` and ``whatif-bench`` to ``sub`` (argparse subparsers)."""
+    """Add ``whatif``, ``influence``, ``forget``, and ``merge`` to ``sub`` (argparse subparsers)."""
     w = sub.add_parser("whatif", help="the global posterior without some clients, from the stored sites")
     w.add_argument("dir", help="a run folder (pvi, fedlap-cov or bayes-admm)")
     w.add_argument("--remove", required=True, metavar="CLIENT[,CLIENT…]", help="client (partition) ids")
     w.add_argument("--out", help="new folder (default DIR-without-IDS beside DIR)")
     w.add_argument("--verify", action="store_true", help="also retrain without them and compare")
     w.add_argument("--keep-retrain", action="store_true", help="keep the retrained run under OUT/retrain")
-    w.add_argument("--estimator", help="contribution estimator (bayes-admm: corrected-dual | dual)")
+    w.add_argument("--estimator", help="contribution estimator (bayes-admm: site | corrected-dual | dual)")
     w.add_argument("--no-fallback", action="store_true",
-                   help="fail instead of flooring improper precisions at the prior precision")
+                   help="fail instead of the bounded step back when a precision would fall below the prior's")
+    w.add_argument("--refine", type=int, default=0, metavar="R",
+                   help="then R rounds of the rule over the remaining clients, warm-started (0: the step back)")
+    w.add_argument("--refine-from", choices=["step-back", "trained"], default="step-back",
+                   help="start the refinement from the step back (default) or from the trained global")
+    w.add_argument("--eval", choices=["full", "subset", "none"], default="full",
+                   help="evaluate on the test set, a fixed subset of 2,000 test examples, or not at all")
     w.add_argument("--quiet", action="store_true")
     w.set_defaults(fn=cmd_whatif)
 
@@ -260,6 +232,9 @@ def add_subparsers(sub: Any) -> None:
     i.add_argument("--keep-retrains", action="store_true", help="keep the retrained runs under OUT/retrain")
     i.add_argument("--estimator")
     i.add_argument("--no-fallback", action="store_true")
+    i.add_argument("--refine", type=int, default=0, metavar="R", help="refine each answer by R rounds (see whatif)")
+    i.add_argument("--eval", choices=["full", "subset"], default="full",
+                   help="the whole test set or a fixed subset of 2,000 test examples")
     i.add_argument("--quiet", action="store_true")
     i.set_defaults(fn=cmd_influence)
 
@@ -278,14 +253,6 @@ def add_subparsers(sub: Any) -> None:
     m.add_argument("--union", metavar="DIR_C", help="a run on the union of the clients, to compare with")
     m.add_argument("--no-fallback", action="store_true")
     m.set_defaults(fn=cmd_merge)
-
-    b = sub.add_parser("whatif-bench", help="benchmark: predicted vs retrained influence of every client")
-    b.add_argument("--preset", default="fmnist-10-het")
-    b.add_argument("--algorithms", default="pvi,bayes-admm")
-    b.add_argument("--set", action="append", metavar="KEY=VALUE")
-    b.add_argument("--out", default="runs/whatif-bench")
-    b.add_argument("--quiet", action="store_true")
-    b.set_defaults(fn=cmd_whatif_bench)
 
 
 def main(argv: list[str] | None = None) -> int:

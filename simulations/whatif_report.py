@@ -17,7 +17,7 @@ from fedbayes.whatif.stats import influence_stats
 if TYPE_CHECKING:
     from fedbayes.whatif import LoadedRun
 
-__all__ = ["SHOWN", "fmt", "primary_metric", "run_influence"]
+__all__ = ["SHOWN", "fmt", "plot_answer", "primary_metric", "run_influence"]
 
 SHOWN = ("test_accuracy", "test_nll", "bma_test_accuracy", "bma_test_nll")
 
@@ -130,21 +130,28 @@ def _write_influence_reports(folder: Path, info: dict[str, Any]) -> list[Path]:
 def run_influence(
     run: LoadedRun, folder: Path, *, verify: bool, estimator: str | None = None, fallback: bool = True,
     keep_retrains: bool = False, progress: bool = False, extra_estimators: Sequence[str] = (),
+    refine_rounds: int = 0, evaluate: str = "full",
 ) -> dict[str, Any]:
     """Compute the influence table of ``run`` (a :class:`~fedbayes.whatif.LoadedRun`) and write its reports
-    (influence.json/.csv/.md/.png, scatter.png when verified) into ``folder``."""
+    (influence.json/.csv/.md/.png, scatter.png when verified) into ``folder``.  ``refine_rounds`` and
+    ``evaluate`` (``full`` or ``subset``) as for :func:`fedbayes.whatif.whatif`; retrained runs are evaluated on
+    the same examples."""
     from fedbayes.whatif import estimators, influence, retrain_without, write_json
+    from fedbayes.whatif.ops import eval_subset
 
-    full = run.full_metrics()
+    if evaluate == "none":
+        raise ValueError("influence ranks clients by a metric: it needs --eval full or subset")
+    subset = eval_subset(evaluate)
+    full = run.full_metrics(subset)
     primary = primary_metric(full)
-    rows = influence(run, estimator=estimator, fallback=fallback)
+    rows = influence(run, estimator=estimator, fallback=fallback, refine_rounds=refine_rounds, evaluate=evaluate)
     est_name = estimator or estimators(run.algorithm)[0]
     if verify:
         for r in rows:
             keep = folder / "retrain" / f"without-{r['client']}" if keep_retrains else None
             if progress:
                 print(f"[fedbayes] retraining without client {r['client']} …", flush=True)
-            metrics, _post, seconds = retrain_without(run, [r["client"]], keep)
+            metrics, _post, seconds = retrain_without(run, [r["client"]], keep, subset=subset)
             r["retrained"] = metrics
             r["actual_change"] = {k: metrics[k] - full[k] for k in metrics if k in full}
             r["retrain_s"] = seconds
@@ -167,7 +174,7 @@ def run_influence(
         info["seconds"]["speedup_estimate_only"] = info["seconds"]["retrain_mean"] / max(
             info["seconds"]["estimate_mean"], 1e-12)
         for other in extra_estimators:
-            alt = {r["client"]: r for r in influence(run, estimator=other, fallback=fallback)}
+            alt = {r["client"]: r for r in influence(run, estimator=other, fallback=fallback, evaluate=evaluate)}
             info.setdefault("other_estimators", {})[other] = {
                 "stats": {k: influence_stats([alt[r["client"]]["predicted_change"][k] for r in rows],
                                              [r["actual_change"][k] for r in rows]) for k in keys},
@@ -176,3 +183,32 @@ def run_influence(
     write_json(folder / "influence.json", info)
     info["files"] = [str(p) for p in _write_influence_reports(folder, info)]
     return info
+
+
+def plot_answer(path: Path, report: dict[str, Any]) -> Path:
+    """``answer.png``: the trained posterior's test metrics beside the what-if answer's (and, verified, the
+    retrained posterior's), one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full, ans = report["full"], report["whatif"]
+    retrained = report.get("verify", {}).get("retrained")
+    keys = [k for k in SHOWN if k in full and k in ans]
+    names = ["trained", f"answer (R={report['refine']['rounds']})"] + (["retrained"] if retrained else [])
+    colors = ["#888888", "#1f77b4", "#2ca02c"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=True):
+        vals = [full[k], ans[k]] + ([retrained[k]] if retrained else [])
+        ax.bar(range(len(vals)), vals, color=colors[: len(vals)])
+        ax.set_xticks(range(len(vals)), names[: len(vals)], rotation=20, fontsize=8)
+        lo, hi = min(vals), max(vals)
+        pad = 0.5 * (hi - lo) + 1e-3 * max(abs(hi), 1e-12)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_title(k, fontsize=9)
+    fig.suptitle(f"{report['algorithm']}: without client(s) {report['removed']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

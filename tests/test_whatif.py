@@ -59,12 +59,15 @@ def conjugate() -> dict[str, Any]:
 
 
 def _federate(conj: dict[str, Any], cls: type[Algorithm], cfg: AlgorithmConfig, ids: Sequence[int],
-              rounds: int = 1) -> Algorithm:
-    """Drive a rule in process with exact L-BFGS Laplace sites on the clients ``ids`` (rule slot j = ids[j])."""
+              rounds: int = 1, takes_part: Any = None) -> Algorithm:
+    """Drive a rule in process with exact L-BFGS Laplace sites on the clients ``ids`` (rule slot j = ids[j]);
+    ``takes_part(round)`` gives the client ids of each round (default: all)."""
     rule = cls(conj["template"], len(ids), cfg)
     for r in range(1, rounds + 1):
         updates = []
         for slot, c in enumerate(ids):
+            if takes_part is not None and c not in takes_part(r):
+                continue
             task = rule.configure(slot, r)
             settings = LocalSettings(mode="lbfgs", lr=1.0, epochs=3, loss="gaussian", noise_var=NOISE_VAR,
                                      laplace=True, **task.overrides)
@@ -106,6 +109,18 @@ def test_site_removal_equals_retraining_without_client(conjugate: dict[str, Any]
     assert _rel_err(_glob(full), without) > 1e-2
 
 
+def test_site_removal_is_exact_under_partial_participation(conjugate: dict[str, Any]) -> None:
+    # client 3 last replied in round 3 (stale at round 5), client 0 in round 5: the stored sites are what the
+    # server sums, so removal is exact with respect to them whatever the participation pattern
+    pattern = {1: {0, 1, 2}, 2: {3, 4}, 3: {1, 3}, 4: {2, 4}, 5: {0}}
+    full = _federate(conjugate, PVI, PVI_CFG, range(5), rounds=5, takes_part=pattern.__getitem__)
+    for removed in ([3], [0, 4]):
+        kept = [c for c in range(5) if c not in removed]
+        without = _glob(_federate(conjugate, PVI, PVI_CFG, kept, rounds=5, takes_part=pattern.__getitem__))
+        removal = posterior_without(full, removed)
+        assert removal.step.full and _rel_err(removal.posterior, without) <= 1e-8, removed
+
+
 def test_merge_equals_joint_federation(conjugate: dict[str, Any]) -> None:
     a = _glob(_federate(conjugate, PVI, PVI_CFG, [0, 1, 2]))
     b = _glob(_federate(conjugate, PVI, PVI_CFG, [3, 4]))
@@ -128,12 +143,12 @@ def test_bayes_admm_corrected_dual_beats_plain_dual_before_convergence(conjugate
     cfg = BayesADMM.Config(prior_prec=DELTA, rho=1.0, damping=0.3, server_step=0.5)
     full = _federate(conjugate, BayesADMM, cfg, range(5), rounds=8)
     without = _glob(_federate(conjugate, BayesADMM, cfg, [0, 1, 3, 4], rounds=8))
-    corrected = _rel_err(posterior_without(full, [2]).posterior, without)
+    corrected = _rel_err(posterior_without(full, [2], estimator="corrected-dual").posterior, without)
     plain = _rel_err(posterior_without(full, [2], estimator="dual").posterior, without)
     assert corrected < plain / 3, (corrected, plain)
 
 
-def test_invalid_removal_in_memory_raises_or_falls_back(conjugate: dict[str, Any]) -> None:
+def test_invalid_removal_in_memory_raises_or_steps_back_to_the_prior_precision(conjugate: dict[str, Any]) -> None:
     rule = _federate(conjugate, PVI, PVI_CFG, range(3))
     d = rule.store.get_all(1)
     name = rule.names[0]
@@ -144,14 +159,37 @@ def test_invalid_removal_in_memory_raises_or_falls_back(conjugate: dict[str, Any
         posterior_without(rule, [1], fallback=False)
     removal = posterior_without(rule, [1])
     assert removal.validity.total_broken == 2 and removal.validity.fallback
-    assert check_gaussian(removal.posterior, 0.0).ok
-    flat_prec = removal.posterior.prec[name].reshape(-1)
-    assert torch.equal(flat_prec[:2], torch.full((2,), DELTA, dtype=torch.float64))
-    # the repaired entries keep the trained mean
-    m_full = rule.floor(_glob(rule)).mean()[name].reshape(-1)
-    assert torch.allclose(removal.posterior.mean()[name].reshape(-1)[:2], m_full[:2])
+    assert removal.step.damped == 2 and removal.step.by_param == {name: 2} and removal.step.zeroed == 0
+    # by hand: β = (s − δ)/ĝˢ on the two entries, 1 elsewhere; both natural parameters move by β
+    glob = _glob(rule).to(dtype=torch.float64)
+    site = rule.contributions("site")[1]
+    s, gs = glob.prec[name].reshape(-1), site.prec[name].reshape(-1)
+    beta = torch.ones_like(s)
+    beta[:2] = (s[:2] - DELTA) / gs[:2]
+    assert bool((beta[:2] > 0).all() and (beta[:2] < 1).all())
+    want_eta = glob.eta[name].reshape(-1) - beta * site.eta[name].reshape(-1)
+    assert torch.allclose(removal.posterior.eta[name].reshape(-1), want_eta, rtol=1e-12, atol=0)
+    assert torch.allclose(removal.posterior.prec[name].reshape(-1)[:2], torch.full((2,), DELTA, dtype=torch.float64),
+                          rtol=1e-12, atol=0)
+    assert torch.equal(removal.posterior.prec[name].reshape(-1)[2:], (s - gs)[2:])  # the full step elsewhere
+    assert removal.step.beta_min == pytest.approx(float(beta.min()))
+    assert check_gaussian(removal.posterior, DELTA * (1 - 1e-9)).ok
     with pytest.raises(WhatIfError, match="out of range"):
         posterior_without(rule, [3])
+
+
+def test_bayes_admm_site_removal_is_exact_at_convergence_for_any_damping(conjugate: dict[str, Any]) -> None:
+    # the stored site gives gₖ = ρλ̃ₖ, the client's exact data term on the conjugate model, whatever γ: once both
+    # federations have converged, λ̄ − g₂ is the federation without client 2 (1.7e-9 observed at 60 rounds; before
+    # convergence the dual estimators, which lag like the global does, are closer: see the test above)
+    cfg = BayesADMM.Config(prior_prec=DELTA, rho=1.0, damping=0.3, server_step=0.5)
+    full = _federate(conjugate, BayesADMM, cfg, range(5), rounds=60)
+    without = _glob(_federate(conjugate, BayesADMM, cfg, [0, 1, 3, 4], rounds=60))
+    site = posterior_without(full, [2])
+    assert site.estimator == "site" and site.step.full
+    err = _rel_err(site.posterior, without)
+    assert err <= 1e-7, err
+    assert _rel_err(_glob(full), without) > 1e-2  # not trivially true
 
 
 # ------------------------------------------------------------------------------------------- pure helpers
@@ -250,8 +288,8 @@ def test_invalid_requests_fail_clearly_and_change_nothing(runs: dict[str, Path],
         assert needle in err, (argv, err)
         assert not new.exists(), argv
     deep = tmp_path / "deep" / "er" / "new"  # the failure comes after staging: the made parents go too
-    assert "precision <= 1e-08" in _err_of(["whatif", str(forged), "--remove", "2", "--no-fallback", "--out",
-                                            str(deep)], capsys)
+    assert "below the prior's 1: 5 of 1210 entries" in _err_of(
+        ["whatif", str(forged), "--remove", "2", "--no-fallback", "--out", str(deep)], capsys)
     assert not (tmp_path / "deep").exists()
     existing = tmp_path / "existing"
     existing.mkdir()
@@ -262,9 +300,10 @@ def test_invalid_requests_fail_clearly_and_change_nothing(runs: dict[str, Path],
     assert not list(tmp_path.glob(".*tmp*"))
     # with the fallback allowed the forged removal succeeds and says what it did
     assert main(["whatif", str(forged), "--remove", "2", "--out", str(new)]) == 0
-    assert "fallback applied" in capsys.readouterr().out
-    rep = json.loads((new / "metrics.json").read_text())
+    assert "bounded step back: 5 of 1210 coordinates damped" in capsys.readouterr().out
+    rep = json.loads((new / "answer.json").read_text())
     assert rep["validity"]["total_broken"] == 5 and not rep["validity"]["ok"] and rep["validity"]["fallback"]
+    assert rep["step_back"]["damped"] == 5 and rep["step_back"]["bound"] == 1.0
     assert _hashes(forged) == before[forged]
 
 
@@ -282,8 +321,8 @@ def test_cli_whatif_and_influence_end_to_end(runs: dict[str, Path], tmp_path: Pa
     before = _hashes(runs["pvi"])
     out = tmp_path / "w"
     assert main(["whatif", str(runs["pvi"]), "--remove", "1", "--out", str(out), "--quiet"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "posterior.safetensors"]
-    rep = json.loads((out / "metrics.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["answer.json", "answer.png", "posterior.safetensors"]
+    rep = json.loads((out / "answer.json").read_text())
     last = json.loads((runs["pvi"] / "metrics.jsonl").read_text().splitlines()[-1])
     assert rep["full"]["test_nll"] == pytest.approx(last["test_nll"], abs=1e-12)  # evaluated like the engine
     assert rep["removed"] == [1] and rep["validity"]["ok"] and rep["kl_full_to_whatif"] > 0
@@ -292,6 +331,22 @@ def test_cli_whatif_and_influence_end_to_end(runs: dict[str, Path], tmp_path: Pa
     post = load_file(str(out / "posterior.safetensors"))
     assert {k.split("/")[0] for k in post} == {"mean", "prec"} and all(float(v.min()) > 0 for k, v in post.items()
                                                                        if k.startswith("prec/"))
+    # refined by R = 2 rounds without the client (no evaluation): the refined posterior is the resumed forgotten
+    # run's (forget + resume is the same warm start)
+    ref = tmp_path / "r"
+    assert main(["whatif", str(runs["pvi"]), "--remove", "1", "--out", str(ref), "--quiet", "--refine", "2",
+                 "--eval", "none"]) == 0
+    rr = json.loads((ref / "answer.json").read_text())
+    assert rr["refine"]["rounds"] == 2 and rr["refine"]["bytes"] > 0 and "whatif" not in rr
+    assert not (ref / "answer.png").exists()
+    fg = tmp_path / "f"
+    assert main(["forget", str(runs["pvi"]), "--remove", "1", "--out", str(fg)]) == 0
+    last_round = json.loads((runs["pvi"] / "metrics.jsonl").read_text().splitlines()[-1])["round"]
+    run_experiment({"rounds": last_round + 2}, fg, progress=False, resume=True)
+    resumed = load_file(str(fg / "posterior.safetensors"))
+    refined = load_file(str(ref / "posterior.safetensors"))
+    for k in resumed:
+        assert torch.allclose(refined[k], resumed[k], rtol=1e-12, atol=0), k
     inf = tmp_path / "inf"
     assert main(["influence", str(runs["pvi"]), "--out", str(inf), "--verify", "--quiet"]) == 0
     assert {"influence.csv", "influence.md", "influence.png", "influence.json", "scatter.png"} <= {
@@ -392,3 +447,45 @@ def test_engine_exclusion_is_a_federation_without_the_client_for_bayes_admm(tmp_
     a = load_file(str(tmp_path / "engine" / "posterior.safetensors"))
     b = load_file(str(tmp_path / "compact" / "posterior.safetensors"))
     assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-9) for k in a)
+
+
+def test_a_client_that_never_took_part_is_refused_and_influence_skips_it(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "partial"
+    rows = run_experiment({**DIGITS, "algorithm": "bayes-admm", "rounds": 1, "clients-per-round": 0.5}, src,
+                          progress=False)
+    took_part = set(rows[0]["participants"])
+    never = sorted(set(range(4)) - took_part)
+    assert len(never) == 2
+    before = _hashes(src)
+    assert main(["whatif", str(src), "--remove", str(never[0]), "--out", str(tmp_path / "w")]) == 2
+    assert f"client(s) [{never[0]}] never took part" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists() and _hashes(src) == before
+    inf = tmp_path / "inf"
+    assert main(["influence", str(src), "--out", str(inf), "--quiet"]) == 0
+    info = json.loads((inf / "influence.json").read_text())
+    assert sorted(r["client"] for r in info["clients"]) == sorted(took_part)
+    assert _hashes(src) == before
+
+
+@pytest.mark.slow
+def test_bench_whatif_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+    from simulations.bench_whatif import bootstrap_spearman
+    from simulations.bench_whatif import main as bench
+
+    out = tmp_path / "bench"
+    argv = ["--cases", "digits-10-het", "--algorithms", "pvi", "--rounds", "1", "--refine", "0,1", "--out", str(out)]
+    assert bench(argv) == 0
+    res = json.loads((out / "bench.json").read_text())["digits-10-het/pvi"]
+    assert sorted(res["by_refine"]) == ["site/R0", "site/R1", "trained/R1"] and len(res["clients"]) == 10
+    st = res["by_refine"]["site/R0"]["stats"]["bma_test_nll"]
+    assert -1 <= st["spearman"] <= 1 and st["spearman_lo90"] <= st["spearman_hi90"]
+    assert res["by_refine"]["site/R1"]["refine_bytes_mean"] > 0 and res["by_refine"]["site/R0"]["speedup"] > 0
+    assert (out / "scatter-digits-10-het-pvi.png").exists() and "| digits-10-het | pvi | site/R1 |" in (
+        out / "table.md").read_text()
+    # resumable: a second call trains nothing again (every retraining is on disk)
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "digits-10-het" / "pvi" / "retrain").rglob("*.json")}
+    assert bench(argv) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "digits-10-het" / "pvi" / "retrain").rglob("*.json")}
+    # the bootstrap interval of a perfect ranking is [1, 1]
+    assert bootstrap_spearman([1, 2, 3, 4, 5], [2, 4, 6, 8, 10]) == (1.0, 1.0)

@@ -66,6 +66,9 @@ class Client(State):
     """λ̂ₖ (zero for a client never heard from)."""
     post: DiagGaussian | None = None
     """λₖ = πₖ + λ̃ₖ, the client's last posterior (λ₀ for a client never heard from)."""
+    site: DiagGaussian | None = None
+    """λ̃ₖ as the client sent it (float64): ρλ̃ₖ is its data term at temperature τ, what removing it takes away
+    (None in checkpoints written before sites were kept: their removal falls back to ``corrected-dual``)."""
 
 
 class BayesADMMConfig(KScaledRho):
@@ -97,7 +100,7 @@ class BayesADMM(Algorithm[PosteriorState, Client]):
     GlobalState = PosteriorState
     ClientState = Client
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "ivon"}
-    removal_estimators: ClassVar[tuple[str, ...]] = ("corrected-dual", "dual")
+    removal_estimators: ClassVar[tuple[str, ...]] = ("site", "corrected-dual", "dual")
 
     @property
     def rho(self) -> float:
@@ -163,7 +166,7 @@ class BayesADMM(Algorithm[PosteriorState, Client]):
             self.count_guard("min-prec", sum(int((v < self.config.min_prec).sum()) for v in post.prec.values()))
             post = self.floor(post)
             dual = self.dual(u.client) + (post - glob).scale(gamma * rho)
-            self.set_client(u.client, Client(dual=dual, post=post))
+            self.set_client(u.client, Client(dual=dual, post=post, site=u.site.to(dtype=glob.dtype)))
         mean_post = self.flat_prior()
         dual_sum = self.flat_prior()
         for c in self.active:
@@ -177,11 +180,16 @@ class BayesADMM(Algorithm[PosteriorState, Client]):
         self.state = self.state.replace(posterior=self.floor(new))
 
     def contributions(self, estimator: str) -> dict[int, DiagGaussian]:
-        """``corrected-dual`` (default): ĝₖ = λ̂ₖ + (1 − γ)ρ(λₖ − λ̄); ``dual``: ĝₖ = λ̂ₖ.
+        """``site`` (default): ĝₖ = ρλ̃ₖ, the stored site of the client's last reply; ``corrected-dual``:
+        ĝₖ = λ̂ₖ + (1 − γ)ρ(λₖ − λ̄); ``dual``: ĝₖ = λ̂ₖ.
 
-        At the ADMM fixed point the dual plays the role of the site (λ̄ = λ₀ + Σₖ λ̂ₖ); off it, the damped
-        dual lags the client's data term by (1 − γ)ρ(λₖ − λ̄⁻), which ``corrected-dual`` adds back with the
-        stored global in place of λ̄⁻ (exact for γ = 1 or a stationary global; :mod:`fedbayes.whatif`)."""
+        Client k's data term at temperature τ is gₖ = ρλ̃ₖ (its local problem has ess = Nₖ/(τρ), so IVON's site
+        is ess·h = Nₖh/(τρ)); at the ADMM fixed point λ̄ = λ₀ + Σₖ gₖ, so λ̄ − gₖ is the fixed point without k.
+        ``site`` reads gₖ from what the server stored, exact whatever prior was sent (the safe prior), γ, or
+        participation pattern; the dual estimators rebuild it from the duals: at the fixed point the dual is the
+        data term (λ̂ₖ = gₖ), off it the damped dual lags it by (1 − γ)ρ(λₖ − λ̄⁻), which ``corrected-dual`` adds
+        back with the stored global in place of λ̄⁻ (:mod:`fedbayes.whatif`).  A client stored without a site
+        (a checkpoint of an earlier version) gets ``corrected-dual`` under ``site``."""
         if estimator not in self.removal_estimators:
             raise ValueError(f"unknown estimator '{estimator}' for {self.name}; valid: {list(self.removal_estimators)}")
         rho, gamma = self.rho, self.config.damping
@@ -192,7 +200,10 @@ class BayesADMM(Algorithm[PosteriorState, Client]):
             dual, post = st.dual, st.post
             if dual is None:
                 continue
-            if estimator == "corrected-dual" and post is not None and gamma < 1.0:
+            if estimator == "site" and st.site is not None:
+                out[c] = st.site.scale(rho)
+                continue
+            if estimator != "dual" and post is not None and gamma < 1.0:
                 dual = dual + (post - glob).scale((1.0 - gamma) * rho)
             out[c] = dual
         return out

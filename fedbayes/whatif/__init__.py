@@ -69,13 +69,16 @@ correlation with numpy ranks, metric deltas).  Merging runs from the same prior:
 from __future__ import annotations
 
 from fedbayes.whatif.ops import (
+    EVAL_MODES,
     EXCLUDE_KEY,
+    Answer,
     forget,
     forget_state,
     influence,
     merge,
     new_folder,
     publish,
+    refine,
     retrain_without,
     staging,
     whatif,
@@ -86,9 +89,11 @@ from fedbayes.whatif.removal import (
     InvalidPosteriorError,
     Removal,
     RunMismatchError,
+    StepBack,
     UnsupportedAlgorithmError,
     Validity,
     WhatIfError,
+    bounded_step_back,
     check_gaussian,
     check_supported,
     client_contributions,
@@ -113,11 +118,11 @@ from fedbayes.whatif.runs import (
 from fedbayes.whatif.stats import deltas, kl_diag, rankdata, spearman
 
 __all__ = [
-    "EXCLUDE_KEY", "InvalidPosteriorError", "LoadedRun", "Removal", "RunMismatchError", "UnsupportedAlgorithmError",
-    "Validity", "WhatIfError", "architecture", "build_federation", "check_compatible", "check_gaussian",
-    "check_supported", "client_contributions", "deltas", "estimators", "evaluate_posterior", "forget",
-    "forget_state", "influence", "kl_diag", "load_run", "merge", "merge_posteriors", "new_folder", "parse_clients",
-    "posterior_without", "publish", "rankdata", "remove_contributions", "repair_gaussian", "retrain_without",
-    "run_federation", "same_partition", "spearman", "staging", "supported_algorithms", "whatif", "write_json",
-    "write_posterior_file",
+    "EVAL_MODES", "EXCLUDE_KEY", "Answer", "InvalidPosteriorError", "LoadedRun", "Removal", "RunMismatchError",
+    "StepBack", "UnsupportedAlgorithmError", "Validity", "WhatIfError", "architecture", "bounded_step_back",
+    "build_federation", "check_compatible", "check_gaussian", "check_supported", "client_contributions", "deltas",
+    "estimators", "evaluate_posterior", "forget", "forget_state", "influence", "kl_diag", "load_run", "merge",
+    "merge_posteriors", "new_folder", "parse_clients", "posterior_without", "publish", "rankdata", "refine",
+    "remove_contributions", "repair_gaussian", "retrain_without", "run_federation", "same_partition", "spearman",
+    "staging", "supported_algorithms", "whatif", "write_json", "write_posterior_file",
 ]

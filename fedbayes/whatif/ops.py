@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import Tensor
 from fedbayes.algorithms import Algorithm
 from fedbayes.algorithms.base import PosteriorState
 from fedbayes.config import resolve
+from fedbayes.engine import run_rounds
 from fedbayes.gaussian import DiagGaussian
 from fedbayes.results import ResultsWriter
 from fedbayes.whatif.removal import (
@@ -31,12 +33,13 @@ from fedbayes.whatif.removal import (
     prior_precision,
     repair_gaussian,
 )
-from fedbayes.whatif.runs import LoadedRun, check_compatible, evaluate_posterior, run_federation
+from fedbayes.whatif.runs import LoadedRun, build_federation, check_compatible, evaluate_posterior, run_federation
 from fedbayes.whatif.stats import deltas, kl_diag
 
 __all__ = [
-    "EXCLUDE_KEY", "forget", "forget_state", "influence", "merge", "new_folder", "publish", "retrain_without",
-    "staging", "whatif", "write_json", "write_posterior_file",
+    "EVAL_MODES", "EVAL_SUBSET", "EXCLUDE_KEY", "Answer", "eval_subset", "forget", "forget_state", "influence",
+    "merge", "new_folder", "publish", "refine", "retrain_without", "staging", "whatif", "write_json",
+    "write_posterior_file",
 ]
 
 EXCLUDE_KEY = "exclude-clients"
@@ -119,23 +122,90 @@ def write_posterior_file(path: Path, posterior: DiagGaussian, min_prec: float = 
     save_file(tensors, str(path))
 
 
-def whatif(
-    run: LoadedRun, clients: Iterable[int], *, estimator: str | None = None, fallback: bool = True
-) -> tuple[Removal, dict[str, Any]]:
-    """Remove ``clients`` (partition ids) from ``run``: the what-if posterior and its report.
+EVAL_MODES = ("full", "subset", "none")
+"""``--eval``: the whole test set, a fixed subset of :data:`EVAL_SUBSET` examples (:func:`test_subset`), or none."""
+EVAL_SUBSET = 2000
+REFINE_STARTS = ("step-back", "trained")
+"""Where ``--refine`` starts: the step back λ₋S (default), or the trained global λ (the remaining clients then
+have R rounds to move the global away from what the removed ones contributed)."""
 
-    The report holds the metrics of the trained and the what-if posterior (evaluated identically), the
-    predicted change (what-if − trained), KL(q ‖ q₋S), the validity check and the seconds taken.
+
+def eval_subset(mode: str) -> int | None:
+    """The ``subset`` argument of :meth:`LoadedRun.evaluate` for an ``--eval`` mode (``none`` is the caller's)."""
+    if mode not in EVAL_MODES:
+        raise WhatIfError(f"--eval must be one of {list(EVAL_MODES)}, got {mode!r}")
+    return EVAL_SUBSET if mode == "subset" else None
+
+
+def refine(
+    run: LoadedRun, clients: Iterable[int], start: DiagGaussian, rounds: int, *, data_dir: Path | None = None
+) -> tuple[DiagGaussian, dict[str, Any]]:
+    """R rounds of the run's own rule over the remaining clients, warm-started from λ₋S and the stored state.
+
+    The federation is the run's with ``clients`` excluded (so they are in no sum, average or K); its state is the
+    run's checkpoint with their per-client state deleted and the global set to ``start``
+    (:func:`forget_state`: every other client's site, dual and posterior as stored); rounds ``r+1..r+R`` follow
+    (participants, seeds and learning-rate schedule as a resumed run would have them, with ``rounds`` extended to
+    r + R where the run ended at r).  Nothing is written.  Returns the refined global posterior and its cost:
+    wall seconds, client training seconds, and the bytes the R rounds would move in a federation.
+    """
+    if rounds < 1:
+        raise WhatIfError(f"refine needs R >= 1 rounds, got {rounds}")
+    ids = sorted(set(int(c) for c in clients))
+    t0 = time.perf_counter()
+    flat = {**run.exp.to_flat(), EXCLUDE_KEY: sorted(set(run.excluded) | set(ids)),
+            "rounds": max(run.exp.run.rounds, run.round + rounds)}
+    exp = resolve(flat)
+    fed, _ = build_federation(exp, None, data_dir)
+    fed.rule.load_state_tensors(forget_state(run.rule, run.slots(ids), start))
+    rows = run_rounds(fed, exp, [], None, start_round=run.round + 1, stop_round=run.round + rounds,
+                      checkpoint=False, evaluate=False)
+    post = fed.rule.global_posterior()
+    assert post is not None
+    cost = {
+        "rounds": rounds,
+        "seconds": time.perf_counter() - t0,
+        "client_train_s": float(sum(r["train_s"] for r in rows)),
+        "bytes": int(sum(r["bytes_up"] + r["bytes_down"] for r in rows)),
+        "participants": int(sum(len(r["participants"]) for r in rows)),
+    }
+    return post, cost
+
+
+@dataclass
+class Answer:
+    """A what-if answer: the removal (the step back), the answer's posterior (refined when R > 0) and its report."""
+
+    removal: Removal
+    posterior: DiagGaussian
+    report: dict[str, Any]
+
+
+def whatif(
+    run: LoadedRun, clients: Iterable[int], *, estimator: str | None = None, fallback: bool = True,
+    refine_rounds: int = 0, evaluate: str = "full", data_dir: Path | None = None, refine_from: str = "step-back",
+) -> Answer:
+    """Remove ``clients`` (partition ids) from ``run``: the step back λ₋S (:func:`posterior_without`), then
+    ``refine_rounds`` rounds of the rule without them (:func:`refine`; 0: the pure step back).
+
+    The report holds, unless ``evaluate="none"``, the metrics of the trained and the answer posterior (evaluated
+    identically, on the whole test set or a fixed subset), the predicted change (answer − trained), KL(q ‖ q₋S),
+    the step back's validity report, and the seconds (and, refined, the bytes) taken.
     """
     ids = sorted(set(int(c) for c in clients))
     slots = run.slots(ids)
+    subset = eval_subset(evaluate)
     t0 = time.perf_counter()
     removal = posterior_without(run.rule, slots, estimator=estimator, fallback=fallback)
     t_estimate = time.perf_counter() - t0
-    full = run.full_metrics()
-    t1 = time.perf_counter()
-    new = run.evaluate(removal.posterior)
-    t_eval = time.perf_counter() - t1
+    posterior, refined = removal.posterior, None
+    if refine_from not in REFINE_STARTS:
+        raise WhatIfError(f"refine must start from one of {list(REFINE_STARTS)}, got {refine_from!r}")
+    if refine_rounds > 0:
+        start = removal.posterior if refine_from == "step-back" else run.posterior().to(dtype=torch.float64)
+        posterior, refined = refine(run, ids, start, refine_rounds, data_dir=data_dir)
+        refined["start"] = refine_from
+    t_answer = time.perf_counter() - t0
     q = run.rule.floor(run.posterior())
     report: dict[str, Any] = {
         "source": str(run.path),
@@ -143,54 +213,74 @@ def whatif(
         "round": run.round,
         "removed": ids,
         "removed_examples": int(sum(run.num_examples(c) for c in ids)),
-        "without_contribution": [run.active[s] for s in removal.missing],
         "estimator": removal.estimator,
-        "formula": "λ₋S = λ − Σ_{k∈S} ĝₖ",
+        "formula": "λ₋S = λ − β⊙Σ_{k∈S} ĝₖ (β = 1 unless a precision would fall below the prior's)",
         "validity": removal.validity.to_dict(),
-        "full": full,
-        "whatif": new,
-        "predicted_change": deltas(new, full),
-        "kl_full_to_whatif": kl_diag(q, removal.posterior.clamp_prec(run.rule.config.min_prec)),
-        "seconds": {"estimate": t_estimate, "evaluate": t_eval, "answer": t_estimate + t_eval},
+        "step_back": removal.step.to_dict(),
+        "refine": refined or {"rounds": 0},
+        "eval": evaluate,
+        "kl_full_to_whatif": kl_diag(q, posterior.clamp_prec(run.rule.config.min_prec)),
+        "seconds": {"estimate": t_estimate, "answer": t_answer},
     }
-    return removal, report
+    if evaluate != "none":
+        full = run.full_metrics(subset)
+        t1 = time.perf_counter()
+        new = run.evaluate(posterior, subset=subset)
+        report["seconds"]["evaluate"] = time.perf_counter() - t1
+        report["seconds"]["answer"] += report["seconds"]["evaluate"]
+        report.update({"full": full, "whatif": new, "predicted_change": deltas(new, full)})
+    return Answer(removal, posterior, report)
 
 
 def retrain_without(
-    run: LoadedRun, clients: Iterable[int], out_dir: Path | None = None, *, progress: bool = False
+    run: LoadedRun, clients: Iterable[int], out_dir: Path | None = None, *, progress: bool = False,
+    subset: int | None = None, seed: int | None = None,
 ) -> tuple[dict[str, float], DiagGaussian, float]:
     """Train the run again from scratch without ``clients`` (same config, partition, init and seeds), as a
     federation of the remaining clients (:func:`run_federation`), up to the source's checkpoint round.
 
-    Returns (test metrics evaluated like :func:`evaluate_posterior` at that round, the retrained global
-    posterior, seconds).  Writes config, metrics and posterior to ``out_dir`` when given.
+    Returns (test metrics evaluated like :func:`evaluate_posterior` at that round, on ``subset`` test examples
+    when given, the retrained global posterior, seconds of training: no evaluation during the rounds).  Writes
+    config, metrics and posterior to ``out_dir`` when given.  ``seed``: another training seed (the same
+    partition and test subset; the noise ceiling of a benchmark), default the run's.
     """
     excluded = sorted(set(run.excluded) | {int(c) for c in clients})
     flat = {**run.exp.to_flat(), EXCLUDE_KEY: excluded}
     t0 = time.perf_counter()
-    _, fed = run_federation(flat, out_dir, stop_round=run.round, progress=progress)
+    _, fed = run_federation(flat, out_dir, stop_round=run.round, progress=progress, evaluate=False,
+                            train_seed=seed)
     seconds = time.perf_counter() - t0
     post = fed.rule.global_posterior()
     assert post is not None
-    metrics = evaluate_posterior(fed, run.exp, post, run.round, fed.rule.config.min_prec)
+    metrics = evaluate_posterior(fed, run.exp, post, run.round, fed.rule.config.min_prec, subset=subset)
     return metrics, post, seconds
 
 
 def influence(
-    run: LoadedRun, *, estimator: str | None = None, fallback: bool = True
+    run: LoadedRun, *, estimator: str | None = None, fallback: bool = True, refine_rounds: int = 0,
+    evaluate: str = "full",
 ) -> list[dict[str, Any]]:
     """For every client of ``run``: the predicted change of every test metric from removing it alone and
-    KL(q ‖ q₋ₖ), with the validity of q₋ₖ and timings (one row per client, in client order)."""
+    KL(q ‖ q₋ₖ), with the step back's report and timings (one row per client, in client order).  The trained
+    posterior is evaluated once and shared by every row."""
     rows = []
+    took_part = run.rule.contributions(estimator or run.rule.removal_estimators[0])
     for c in run.active:
-        removal, rep = whatif(run, [c], estimator=estimator, fallback=fallback)
+        if run.slots([c])[0] not in took_part:
+            continue  # never took part: nothing to remove (a whatif about it is an error)
+        ans = whatif(run, [c], estimator=estimator, fallback=fallback, refine_rounds=refine_rounds,
+                     evaluate=evaluate)
+        removal, rep = ans.removal, ans.report
         rows.append({
             "client": c,
             "num_examples": run.num_examples(c),
-            "predicted": rep["whatif"],
-            "predicted_change": rep["predicted_change"],
+            "predicted": rep.get("whatif", {}),
+            "predicted_change": rep.get("predicted_change", {}),
+            "refine": rep["refine"],
             "kl": rep["kl_full_to_whatif"],
             "invalid_entries": removal.validity.total_broken,
+            "damped": removal.step.damped,
+            "beta_mean": removal.step.beta_mean,
             "fallback": removal.validity.fallback,
             "seconds": rep["seconds"],
         })
@@ -211,7 +301,8 @@ def forget(
     client).  ``name`` is the folder's final path (when ``folder`` is a staging folder), for the resume hint.
     """
     ids = sorted(set(int(c) for c in clients))
-    removal, rep = whatif(run, ids, estimator=estimator, fallback=fallback)
+    ans = whatif(run, ids, estimator=estimator, fallback=fallback)
+    removal, rep = ans.removal, ans.report
     state = forget_state(run.rule, removal.slots, removal.posterior)
     excluded = sorted(set(run.excluded) | set(ids))
     flat = {**run.exp.to_flat(), EXCLUDE_KEY: excluded}

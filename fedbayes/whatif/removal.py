@@ -1,4 +1,18 @@
-"""λ₋S = λ − Σ_{k∈S} ĝₖ: each rule's client contributions, their removal, and the validity of the answer."""
+r"""λ₋S = λ − Σ_{k∈S} ĝₖ: each rule's client contributions, their removal, and the validity of the answer.
+
+**Valid by construction: the bounded step back.**  Removing data can leave no coordinate less certain than the
+prior, so the answer keeps every precision ≥ δ (the prior λ₀'s): per coordinate i,
+
+.. math::  λ_{-S,i} = λ_i - β_i ĝ_i, \qquad β_i = \max\{β ∈ [0, 1] : s_i - β\, ĝ^{s}_i ≥ δ\}
+
+(ĝ = Σ_{k∈S} ĝₖ, ĝˢ its precision part): βᵢ = 1 wherever the full step keeps sᵢ ≥ δ (always, in exact
+arithmetic, for the site rules, whose sites are ≥ 0), βᵢ = (sᵢ − δ)/ĝˢᵢ where it would not (the step stops where
+the coordinate reaches the prior's precision), and βᵢ = 0 where the trained global is already below δ there (a
+bayes-admm global can be).  Both natural parameters of a coordinate move by the same βᵢ, so a damped coordinate
+is the trained one with a fraction βᵢ of the contribution removed.  How many coordinates were damped, and by
+how much, is reported with every answer (:class:`StepBack`); ``fallback=False`` refuses a removal that needs any
+damping instead (:class:`InvalidPosteriorError`).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +28,10 @@ from fedbayes.algorithms import REGISTRY, Algorithm
 from fedbayes.gaussian import DiagGaussian, check_same_layout
 
 __all__ = [
-    "InvalidPosteriorError", "Removal", "RunMismatchError", "UnsupportedAlgorithmError", "Validity", "WhatIfError",
-    "check_gaussian", "check_supported", "client_contributions", "estimators", "merge_posteriors",
-    "posterior_without", "prior_precision", "remove_contributions", "repair_gaussian", "supported_algorithms",
+    "InvalidPosteriorError", "Removal", "RunMismatchError", "StepBack", "UnsupportedAlgorithmError", "Validity",
+    "WhatIfError", "bounded_step_back", "check_gaussian", "check_supported", "client_contributions", "estimators",
+    "merge_posteriors", "posterior_without", "prior_precision", "remove_contributions", "repair_gaussian",
+    "supported_algorithms", "total_contribution",
 ]
 
 
@@ -174,6 +189,81 @@ def repair_gaussian(g: DiagGaussian, reference: DiagGaussian, prior_prec: float,
 
 
 # ============================================================================================ removal
+@dataclass(frozen=True)
+class StepBack:
+    """How λ₋S = λ − β⊙ĝ was bounded (module docstring): βᵢ ∈ [0, 1], the largest keeping sᵢ ≥ ``bound``.
+
+    Attributes
+    ----------
+    bound
+        The precision every coordinate keeps (δ, the prior's).
+    numel
+        Coordinates in all.
+    damped
+        Coordinates with βᵢ < 1 (by parameter in ``by_param``); ``zeroed`` those with βᵢ = 0.
+    beta_min, beta_mean
+        The smallest βᵢ and the mean βᵢ over all coordinates (1.0 when nothing was damped).
+    """
+
+    bound: float
+    numel: int
+    damped: int
+    zeroed: int
+    beta_min: float
+    beta_mean: float
+    by_param: dict[str, int]
+
+    @property
+    def full(self) -> bool:
+        """Whether the whole contribution was removed (no coordinate damped)."""
+        return self.damped == 0
+
+    def describe(self) -> str:
+        if self.full:
+            return f"full step back (every precision stays >= {self.bound:g})"
+        parts = ", ".join(f"{k}: {v}" for k, v in self.by_param.items())
+        return (f"bounded step back: {self.damped} of {self.numel} coordinates damped to keep precision >= "
+                f"{self.bound:g} ({self.zeroed} not moved at all; min beta {self.beta_min:.3g}, mean beta "
+                f"{self.beta_mean:.6f}; by parameter: {parts})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": "bounded step back: λ − β⊙ĝ, β the largest in [0, 1] keeping every precision >= bound",
+                "bound": self.bound, "numel": self.numel, "damped": self.damped, "zeroed": self.zeroed,
+                "beta_min": self.beta_min, "beta_mean": self.beta_mean, "by_param": self.by_param}
+
+
+_ROUNDING = 1e-12
+"""Relative slack below ``bound`` still counted as reaching it (float64 round-off of a full site step back)."""
+
+
+def bounded_step_back(posterior: DiagGaussian, contribution: DiagGaussian, bound: float
+                      ) -> tuple[DiagGaussian, StepBack]:
+    """λ − β⊙ĝ with βᵢ the largest in [0, 1] that keeps sᵢ − βᵢĝˢᵢ ≥ ``bound`` (float64; module docstring)."""
+    check_same_layout(posterior.eta, contribution.eta, "bounded_step_back")
+    lam, g = posterior.to(dtype=torch.float64), contribution.to(dtype=torch.float64)
+    eta, prec, by_param = {}, {}, {}
+    numel = damped = zeroed = 0
+    beta_min, beta_sum = 1.0, 0.0
+    for k in lam.prec:
+        s, gs = lam.prec[k], g.prec[k]
+        full = s - gs
+        short = (full < bound * (1 - _ROUNDING)) | ~torch.isfinite(full)
+        ratio = torch.where(gs > 0, (s - bound) / torch.where(gs > 0, gs, torch.ones_like(gs)), torch.ones_like(s))
+        beta = torch.where(short, ratio.clamp(0.0, 1.0).nan_to_num(0.0), torch.ones_like(s))
+        eta[k] = lam.eta[k] - beta * g.eta[k]
+        prec[k] = torch.where(short, torch.maximum(s - beta * gs, torch.minimum(s, torch.full_like(s, bound))), full)
+        n = int((beta < 1).sum())
+        if n:
+            by_param[k] = n
+            beta_min = min(beta_min, float(beta.min()))
+        damped += n
+        zeroed += int((beta == 0).sum())
+        numel += beta.numel()
+        beta_sum += float(beta.sum())
+    step = StepBack(float(bound), numel, damped, zeroed, beta_min, beta_sum / max(numel, 1), by_param)
+    return DiagGaussian(eta, prec), step
+
+
 @dataclass
 class Removal:
     """λ₋S and how it was formed.
@@ -181,11 +271,14 @@ class Removal:
     Attributes
     ----------
     posterior
-        The what-if posterior (repaired if the raw one was invalid and fallback was allowed).
+        The what-if posterior: the bounded step back (module docstring).
     raw
-        λ − Σ_{k∈S} ĝₖ before any repair.
+        λ − Σ_{k∈S} ĝₖ, the full step.
     validity
-        The check of ``raw`` (with ``fallback`` set when ``posterior`` was repaired).
+        The check of ``raw`` against the bound (every precision ≥ δ and finite); ``fallback`` says how
+        ``posterior`` differs from it when it does.
+    step
+        The step back's report (coordinates damped, β).
     slots
         The removed clients as rule slots; ``missing`` those that had no contribution (never replied).
     estimator
@@ -195,6 +288,7 @@ class Removal:
     posterior: DiagGaussian
     raw: DiagGaussian
     validity: Validity
+    step: StepBack
     slots: list[int]
     missing: list[int]
     estimator: str
@@ -207,15 +301,26 @@ def prior_precision(rule: Algorithm) -> float:
     return float(delta)
 
 
+def total_contribution(rule: Algorithm, contributions: Mapping[int, DiagGaussian], slots: Iterable[int]
+                       ) -> DiagGaussian:
+    """ĝ = Σ_{k∈S} ĝₖ (a client without a contribution, one that never replied, adds nothing)."""
+    total = rule.flat_prior()
+    for c in slots:
+        if c in contributions:
+            total = total + contributions[c].to(dtype=total.dtype)
+    return total
+
+
 def posterior_without(
     rule: Algorithm,
     slots: Iterable[int],
     *,
     estimator: str | None = None,
     fallback: bool = True,
-    floor: float | None = None,
+    bound: float | None = None,
 ) -> Removal:
-    """The global posterior of ``rule`` without the clients in ``slots``: λ₋S = λ − Σ_{k∈S} ĝₖ.
+    """The global posterior of ``rule`` without the clients in ``slots``: λ₋S = λ − β⊙Σ_{k∈S} ĝₖ, the bounded
+    step back (module docstring).
 
     Parameters
     ----------
@@ -226,15 +331,15 @@ def posterior_without(
     estimator
         Contribution estimator (the rule's ``removal_estimators``; default its first).
     fallback
-        Repair broken entries by flooring at the prior precision (:func:`repair_gaussian`); if False an
-        invalid λ₋S raises :class:`InvalidPosteriorError` naming the parameters and counts.
-    floor
-        Precisions ≤ this are broken (default: the rule's ``min-prec``).
+        Allow the bounded step back; if False, a removal that would need it (a precision below ``bound``, or
+        not finite) raises :class:`InvalidPosteriorError` naming the parameters and counts.
+    bound
+        The precision every coordinate keeps (default: δ, the prior's precision).
 
     Raises
     ------
     WhatIfError
-        A slot out of range, an unsupported algorithm or an invalid posterior without fallback.
+        A slot out of range, an unsupported algorithm or, without fallback, a removal that needs damping.
     """
     slots = sorted(set(int(s) for s in slots))
     bad = [s for s in slots if not 0 <= s < rule.K]
@@ -245,18 +350,21 @@ def posterior_without(
     glob = rule.global_posterior()
     if glob is None:
         raise UnsupportedAlgorithmError(f"'{rule.name}' has no global posterior")
-    raw = remove_contributions(glob, contributions, slots)
-    thr = rule.config.min_prec if floor is None else float(floor)
-    validity = check_gaussian(raw, thr)
-    posterior = raw
-    if not validity.ok:
-        if not fallback:
-            raise InvalidPosteriorError(f"removing slot(s) {slots} from {rule.name} leaves an improper Gaussian: "
-                                        f"{validity.describe()}; allow the fallback (floor at the prior precision) "
-                                        f"or remove fewer clients")
-        delta = prior_precision(rule)
-        posterior = repair_gaussian(raw, rule.floor(glob), delta, thr)
-        validity = Validity(validity.broken, validity.numel, validity.min_prec, validity.floor,
-                            fallback=f"broken entries set to the prior precision {delta:g} at the trained mean")
+    glob = glob.to(dtype=torch.float64)
     missing = [s for s in slots if s not in contributions]
-    return Removal(posterior, raw, validity, slots, missing, name)
+    if missing:
+        raise WhatIfError(f"client(s) {missing} never took part (no reply of theirs was ever aggregated): "
+                          f"there is nothing of theirs to remove")
+    total = total_contribution(rule, contributions, slots)
+    raw = glob - total
+    thr = prior_precision(rule) if bound is None else float(bound)
+    validity = check_gaussian(raw, thr * (1 - _ROUNDING))
+    posterior, step = bounded_step_back(glob, total, thr)
+    if not step.full:
+        if not fallback:
+            raise InvalidPosteriorError(f"removing slot(s) {slots} from {rule.name} would leave precisions below the "
+                                        f"prior's {thr:g}: {validity.describe()}; allow the bounded step back or "
+                                        f"remove fewer clients")
+        validity = Validity(validity.broken, validity.numel, validity.min_prec, validity.floor,
+                            fallback=step.describe())
+    return Removal(posterior, raw, validity, step, slots, missing, name)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedbayes.algorithms import Algorithm, DiskStore
 from fedbayes.config import Experiment, resolve
-from fedbayes.engine import Federation, run_rounds
+from fedbayes.engine import Federation, make_model, run_rounds
 from fedbayes.gaussian import DiagGaussian, check_same_layout
 from fedbayes.results import ResultsWriter, load_checkpoint
 from fedbayes.rounds import evaluate_posterior_on
@@ -55,7 +57,7 @@ class LoadedRun:
     meta: dict[str, Any]
     fed: Federation
     active: list[int]
-    _full: dict[str, float] = field(default_factory=dict)
+    _full: dict[int | None, dict[str, float]] = field(default_factory=dict)
 
     @property
     def rule(self) -> Algorithm:
@@ -94,14 +96,16 @@ class LoadedRun:
             raise UnsupportedAlgorithmError(f"'{self.algorithm}' has no global posterior")
         return g
 
-    def full_metrics(self) -> dict[str, float]:
-        """The trained posterior's test metrics (computed once; equal to the last evaluated round's)."""
-        if not self._full:
-            self._full.update(self.evaluate(self.posterior()))
-        return dict(self._full)
+    def full_metrics(self, subset: int | None = None) -> dict[str, float]:
+        """The trained posterior's test metrics (computed once per ``subset``; on the whole test set, equal to the
+        last evaluated round's)."""
+        if subset not in self._full:
+            self._full[subset] = self.evaluate(self.posterior(), subset=subset)
+        return dict(self._full[subset])
 
-    def evaluate(self, posterior: DiagGaussian) -> dict[str, float]:
-        return evaluate_posterior(self.fed, self.exp, posterior, self.round, self.rule.config.min_prec)
+    def evaluate(self, posterior: DiagGaussian, *, subset: int | None = None) -> dict[str, float]:
+        """Test metrics of ``posterior`` as the engine evaluates the global one (:func:`evaluate_posterior`)."""
+        return evaluate_posterior(self.fed, self.exp, posterior, self.round, self.rule.config.min_prec, subset=subset)
 
     def num_examples(self, client: int) -> int:
         return len(self.fed.parts[client])
@@ -139,16 +143,30 @@ def load_run(run_dir: str | Path, *, data_dir: Path | None = None) -> LoadedRun:
     return LoadedRun(path, exp, meta, fed, active)
 
 
+def test_subset(n_test: int, size: int, seed: int) -> np.ndarray | None:
+    """The fixed test-set subset of ``--eval subset``: ``size`` indices drawn without replacement (sorted), the
+    same for every answer about one run (seeded by the run's seed); None when the test set is not larger."""
+    if size >= n_test:
+        return None
+    return np.sort(np.random.default_rng([seed, 104729]).choice(n_test, size, replace=False))
+
+
 def evaluate_posterior(
-    fed: Federation, exp: Experiment, posterior: DiagGaussian, server_round: int, min_prec: float = 1e-8
+    fed: Federation, exp: Experiment, posterior: DiagGaussian, server_round: int, min_prec: float = 1e-8,
+    *, subset: int | None = None,
 ) -> dict[str, float]:
     """Test metrics of ``posterior`` exactly as the engine evaluates the global one in ``server_round``
     (:func:`fedbayes.rounds.evaluate_posterior_on`, on the test set, with the precision floored at ``min_prec``),
-    so a what-if posterior and the trained one see the same noise."""
+    so a what-if posterior and the trained one see the same noise.  ``subset``: on that many test examples only
+    (:func:`test_subset`)."""
     assert fed.x_test is not None and fed.y_test is not None
+    x, y = fed.x_test, fed.y_test
+    idx = test_subset(len(y), subset, exp.run.seed) if subset is not None else None
+    if idx is not None:
+        sel = torch.from_numpy(idx).to(x.device)
+        x, y = x[sel], y[sel]
     post = posterior.to(dtype=torch.float64).clamp_prec(min_prec)
-    return evaluate_posterior_on(fed.model, post.mean(), post, fed.x_test, fed.y_test, fed.data.task, exp,
-                                 server_round, fed.device)
+    return evaluate_posterior_on(fed.model, post.mean(), post, x, y, fed.data.task, exp, server_round, fed.device)
 
 
 # ============================================================================================ retraining
@@ -159,6 +177,8 @@ def run_federation(
     stop_round: int | None = None,
     data_dir: Path | None = None,
     progress: bool = False,
+    evaluate: bool = True,
+    train_seed: int | None = None,
 ) -> tuple[list[dict[str, Any]], Federation]:
     """Train from scratch a federation in which the ``exclude-clients`` never existed; returns (rows, federation).
 
@@ -167,12 +187,21 @@ def run_federation(
     rule counts only the active clients (``Algorithm.active``), so excluded clients are in no average, sum or
     K.  ``stop_round`` stops early while keeping the configured ``rounds`` (the cosine learning-rate schedule
     depends on it).  The folder (if any) gets ``config.json``, ``metrics.jsonl`` and ``posterior.safetensors``.
+    ``evaluate=False``: no test metrics in the rows.  ``train_seed``: train with another seed (initialisation,
+    participants, minibatches, IVON noise) on the same partition (which is drawn with the run's ``seed``).
     """
     exp = flat if isinstance(flat, Experiment) else resolve(flat)
     out = Path(out_dir) if out_dir is not None else None
     fed = Federation.build(exp, out, data_dir)
+    if train_seed is not None and train_seed != exp.run.seed:  # same data and partition, another training seed
+        exp = resolve({**exp.to_flat(), "seed": train_seed})
+        model = make_model(exp, fed.data)
+        template = {k: v.detach() for k, v in model.named_parameters()}
+        rule = exp.algorithm_cls(template, exp.run.num_clients, exp.algo, active=fed.rule.active)
+        fed = dataclasses.replace(fed, exp=exp, model=model, rule=rule)
     writer = ResultsWriter(out, exp.to_flat()) if out is not None else None
-    rows = run_rounds(fed, exp, [], writer, stop_round=stop_round, progress=progress, checkpoint=False)
+    rows = run_rounds(fed, exp, [], writer, stop_round=stop_round, progress=progress, checkpoint=False,
+                      evaluate=evaluate)
     return rows, fed
 
 
