@@ -507,3 +507,60 @@ def test_bayes_admm_safe_prior_floors_the_sent_precision() -> None:
     unsafe = BayesADMM(tmpl, 2, BayesADMMConfig(prior_prec=1.0, rho=1.0, damping=1.0, safe_prior=False))
     unsafe.load_state_tensors(rule.state_tensors())
     assert float(unsafe.configure(0, 2).prior.prec["w"]) == pytest.approx(43 / 3 - 20)
+
+
+# --- running sums: a round costs O(participants); the sums stay exact -------------------------------------------
+@pytest.mark.parametrize("cls", [PVI, BayesADMM])
+def test_running_sums_match_a_full_recomputation_after_many_partial_rounds(cls: type[Algorithm],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedbayes.algorithms.base as base
+
+    monkeypatch.setattr(base, "RECOMPUTE_EVERY", 10**9)  # never recompute: measure the running sums' drift
+    gen = torch.Generator().manual_seed(3)
+    tmpl = {"w": torch.zeros(6, 4), "b": torch.zeros(4)}
+    cfg = BayesADMMConfig(rho=0.3, damping=0.2) if cls is BayesADMM else cls.Config(prior_prec=1.0, rho=0.5)
+    rule = cls(tmpl, 40, cfg, active=[c for c in range(40) if c != 7])
+    for r in range(1, 501):
+        chosen = sorted(int(c) for c in torch.randperm(40, generator=gen)[:5] if int(c) != 7)
+        updates = []
+        for c in chosen:
+            prec = {k: torch.rand(v.shape, generator=gen, dtype=torch.float64) * 50 + 1 for k, v in tmpl.items()}
+            eta = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) * 10 for k, v in tmpl.items()}
+            updates.append(ClientUpdate(c, 10, site=DiagGaussian(eta, prec)))
+        rule.aggregate(r, updates)
+    if cls is BayesADMM:
+        assert isinstance(rule, BayesADMM)
+        want = rule.recomputed_sums()
+        got = (rule.state.post_sum, rule.state.dual_sum)
+    else:
+        assert isinstance(rule, PVI)
+        want, got = (rule.recomputed_posterior(),), (rule.state.posterior,)
+    for w, g in zip(want, got, strict=True):
+        assert g is not None
+        for k in tmpl:
+            for a, b in ((g.eta[k], w.eta[k]), (g.prec[k], w.prec[k])):
+                assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max()), k
+
+
+def test_running_sums_are_recomputed_when_unset_and_on_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedbayes.algorithms.base as base
+
+    monkeypatch.setattr(base, "RECOMPUTE_EVERY", 4)
+    tmpl = {"w": torch.zeros(3)}
+    rule = BayesADMM(tmpl, 3, BayesADMMConfig(rho=0.5, damping=0.5))
+    site = DiagGaussian({"w": torch.ones(3, dtype=torch.float64)}, {"w": torch.full((3,), 2.0, dtype=torch.float64)})
+    rule.aggregate(1, [ClientUpdate(0, 5, site=site)])
+    # corrupt the running sum: the next ordinary round carries the error, the scheduled one (round 4) removes it
+    assert rule.state.post_sum is not None
+    rule.state = rule.state.replace(post_sum=rule.state.post_sum.scale(2.0))
+    rule.aggregate(2, [ClientUpdate(1, 5, site=site)])
+    assert not torch.allclose(rule.state.post_sum.prec["w"], rule.recomputed_sums()[0].prec["w"])
+    rule.aggregate(3, [ClientUpdate(2, 5, site=site)])
+    rule.aggregate(4, [ClientUpdate(0, 5, site=site)])
+    assert torch.equal(rule.state.post_sum.prec["w"], rule.recomputed_sums()[0].prec["w"])
+    # unset (an older checkpoint, fedbayes forget): recomputed before the round's changes are added
+    rule.state = rule.state.without_derived()
+    assert rule.state.post_sum is None and "post_sum" not in str(sorted(rule.state.to_tensors()))
+    rule.aggregate(5, [ClientUpdate(1, 5, site=site)])
+    want = rule.recomputed_sums()
+    assert torch.allclose(rule.state.post_sum.prec["w"], want[0].prec["w"], rtol=1e-14, atol=0)

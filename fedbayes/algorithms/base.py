@@ -180,6 +180,17 @@ class PosteriorState(State):
     start: Params | None = None
 
 
+RECOMPUTE_EVERY = 32
+"""Rules that keep running sums over their clients (so a round costs O(participants), not O(K)) recompute them
+exactly from the client store every this many rounds, which bounds the float64 drift of the running updates
+(measured: 1e-15 relative after 500 rounds of partial participation, tests/test_algorithms.py)."""
+
+
+def recompute_due(server_round: int) -> bool:
+    """Whether this round's aggregation recomputes the running sums from the client store."""
+    return server_round % RECOMPUTE_EVERY == 0
+
+
 # ---------------------------------------------------------------------------------------------- algorithm
 class Algorithm(ABC, Generic[G, C]):
     """A federated server rule over natural parameters.

@@ -13,7 +13,10 @@ h + δ = S̄/ess > 0).  The server rebuilds λₖ = πₖ + λ̃ₖ from the sit
     λ̄  ← (1 − α)·(1/K)Σₖ λₖ + α(λ₀ + Σₖ λ̂ₖ),       α = 1/(1 + ρK) by default
 
 over all K clients of the federation (absent ones keep their last λₖ and λ̂ₖ; never-seen ones count as
-λₖ = λ₀, λ̂ₖ = 0; excluded ones not at all).
+λₖ = λ₀, λ̂ₖ = 0; excluded ones not at all).  Σₖ λₖ and Σₖ λ̂ₖ are running sums in the global state
+(:class:`ADMMState`), updated by the participants' changes, so a round costs O(|S|·P) whatever K; they are
+recomputed from the client store every ``RECOMPUTE_EVERY`` rounds (bounding the float64 drift) and whenever
+they are unset (a fresh rule, an older checkpoint, ``fedbayes forget``).
 
 The client starts IVON exactly at the global posterior every round (h₀ = (S̄ − s_π)/ess, no floor; ``hess-init``
 only in round 1, when the global is just λ₀), as the reference does.
@@ -52,12 +55,23 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
-from fedbayes.algorithms.base import Algorithm, ClientTask, ClientUpdate, KScaledRho, PosteriorState
+from fedbayes.algorithms.base import Algorithm, ClientTask, ClientUpdate, KScaledRho, PosteriorState, recompute_due
 from fedbayes.algorithms.space import Dim, LogUniform
 from fedbayes.algorithms.state import State
 from fedbayes.gaussian import DiagGaussian, Params
 
-__all__ = ["BayesADMM", "BayesADMMConfig", "Client"]
+__all__ = ["ADMMState", "BayesADMM", "BayesADMMConfig", "Client"]
+
+
+@dataclass(frozen=True)
+class ADMMState(PosteriorState):
+    """λ̄ and the round-1 start (:class:`PosteriorState`), and the running sums of the server equation."""
+
+    DERIVED: ClassVar[tuple[str, ...]] = ("post_sum", "dual_sum")
+    post_sum: DiagGaussian | None = None
+    """Σ_{k∈active} λₖ (λ₀ for a client never heard from)."""
+    dual_sum: DiagGaussian | None = None
+    """Σ_{k∈active} λ̂ₖ."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +97,7 @@ class BayesADMMConfig(KScaledRho):
     signed_sites: bool = Field(True, description="send s̃ = ess·h unclamped (the paper); false: clamp s̃ ≥ 0 as PVI")
 
 
-class BayesADMM(Algorithm[PosteriorState, Client]):
+class BayesADMM(Algorithm[ADMMState, Client]):
     name: ClassVar[str] = "bayes-admm"
     summary: ClassVar[str] = "IVON-ADMM: duals in natural parameters (Möllenhoff et al. 2025)"
     search_space: ClassVar[dict[str, Dim]] = {
@@ -97,7 +111,7 @@ class BayesADMM(Algorithm[PosteriorState, Client]):
     signed_sites: ClassVar[bool] = True  # replies are checked as prior + site > 0 (also right for clamped sites)
     Config = BayesADMMConfig
     config: BayesADMMConfig
-    GlobalState = PosteriorState
+    GlobalState = ADMMState
     ClientState = Client
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "ivon"}
     removal_estimators: ClassVar[tuple[str, ...]] = ("site", "corrected-dual", "dual")
@@ -112,8 +126,8 @@ class BayesADMM(Algorithm[PosteriorState, Client]):
         a = self.config.server_step
         return a if a is not None else 1.0 / (1.0 + self.rho * len(self.active))
 
-    def init_state(self, init_mean: Params) -> PosteriorState:
-        return PosteriorState(posterior=self.prior0(self.config.prior_prec), start=init_mean)
+    def init_state(self, init_mean: Params) -> ADMMState:
+        return ADMMState(posterior=self.prior0(self.config.prior_prec), start=init_mean)
 
     def global_posterior(self) -> DiagGaussian:
         return self.state.posterior
@@ -159,25 +173,37 @@ class BayesADMM(Algorithm[PosteriorState, Client]):
         rho, gamma = self.rho, self.config.damping
         glob = self.global_posterior()
         lam0 = self.prior0(self.config.prior_prec)
+        post_sum, dual_sum = self.state.post_sum, self.state.dual_sum
+        if post_sum is None or dual_sum is None:
+            post_sum, dual_sum = self.recomputed_sums()
         for u in updates:
             assert u.site is not None  # checked by aggregate
             post = self._prior_for(u.client) + u.site.to(dtype=glob.dtype)  # λₖ = πₖ + λ̃ₖ
             # > 0 by construction (IVON's ess·(h + δ)) and checked on arrival in float32; guard float64 round-off
             self.count_guard("min-prec", sum(int((v < self.config.min_prec).sum()) for v in post.prec.values()))
             post = self.floor(post)
+            old = self.client(u.client)
             dual = self.dual(u.client) + (post - glob).scale(gamma * rho)
             self.set_client(u.client, Client(dual=dual, post=post, site=u.site.to(dtype=glob.dtype)))
-        mean_post = self.flat_prior()
-        dual_sum = self.flat_prior()
+            post_sum = post_sum + post - (old.post if old.post is not None else lam0)
+            dual_sum = dual_sum + (dual - old.dual if old.dual is not None else dual)
+        if recompute_due(server_round):
+            post_sum, dual_sum = self.recomputed_sums()
+        a = self.alpha
+        new = post_sum.scale((1 - a) / len(self.active)) + (lam0 + dual_sum).scale(a)
+        self.count_guard("min-prec", sum(int((v < self.config.min_prec).sum()) for v in new.prec.values()))
+        self.state = self.state.replace(posterior=self.floor(new), post_sum=post_sum, dual_sum=dual_sum)
+
+    def recomputed_sums(self) -> tuple[DiagGaussian, DiagGaussian]:
+        """(Σ_{k∈active} λₖ, Σ_{k∈active} λ̂ₖ) from the client store (λ₀ and 0 for a client never heard from)."""
+        lam0 = self.prior0(self.config.prior_prec)
+        post_sum, dual_sum = self.flat_prior(), self.flat_prior()
         for c in self.active:
             st = self.client(c)
-            mean_post = mean_post + (st.post if st.post is not None else lam0).scale(1.0 / len(self.active))
+            post_sum = post_sum + (st.post if st.post is not None else lam0)
             if st.dual is not None:
                 dual_sum = dual_sum + st.dual
-        a = self.alpha
-        new = mean_post.scale(1 - a) + (lam0 + dual_sum).scale(a)
-        self.count_guard("min-prec", sum(int((v < self.config.min_prec).sum()) for v in new.prec.values()))
-        self.state = self.state.replace(posterior=self.floor(new))
+        return post_sum, dual_sum
 
     def contributions(self, estimator: str) -> dict[int, DiagGaussian]:
         """``site`` (default): ĝₖ = ρλ̃ₖ, the stored site of the client's last reply; ``corrected-dual``:

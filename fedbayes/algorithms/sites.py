@@ -7,6 +7,10 @@ new site λ̃ₖ_new = qₖ / λ₋ₖ (computed directly by the local trainer);
 
 with λ₀ = N(0, δ⁻¹I).  Precisions of the global and of cavities are floored at ``min-prec`` before use (site
 precisions are ≥ 0, so cavities are at least λ₀ in exact arithmetic).
+
+The sum is kept running: a round adds its participants' site changes, λ_g ← λ_g + Σ_{k∈S} (λ̃ₖ_new − λ̃ₖ), so it
+costs O(|S|·P) whatever K; every ``RECOMPUTE_EVERY`` rounds (and after ``fedbayes forget``) λ_g is recomputed
+from the stored sites, which bounds the float64 drift.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from fedbayes.algorithms.base import Algorithm, AlgorithmConfig, ClientTask, ClientUpdate, PosteriorState
+from fedbayes.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    ClientTask,
+    ClientUpdate,
+    PosteriorState,
+    recompute_due,
+)
 from fedbayes.algorithms.state import State
 from fedbayes.gaussian import DiagGaussian, Params
 
@@ -74,16 +85,26 @@ class SiteRule(Algorithm[PosteriorState, SiteClient]):
 
     def update(self, server_round: int, updates: list[ClientUpdate]) -> None:
         rho = self.rho
+        change = self.flat_prior()
         for u in updates:
             assert u.site is not None  # checked by aggregate
-            new = u.site.to(dtype=torch.float64)
-            self.set_client(u.client, SiteClient(site=self.site(u.client).scale(1 - rho) + new.scale(rho)))
+            old = self.site(u.client)
+            new = old.scale(1 - rho) + u.site.to(dtype=torch.float64).scale(rho)
+            self.set_client(u.client, SiteClient(site=new))
+            change = change + (new - old)
+        if not recompute_due(server_round):
+            self.state = self.state.replace(posterior=self.state.posterior + change)
+            return
+        self.state = self.state.replace(posterior=self.recomputed_posterior())
+
+    def recomputed_posterior(self) -> DiagGaussian:
+        """λ₀ + Σ_{k∈active} λ̃ₖ from the stored sites (an excluded client's stored site is not in the sum)."""
         total = self.flat_prior()
-        for c in self.active:  # an excluded client's stored site (a run forgetting it) is not in the sum
+        for c in self.active:
             site = self.client(c).site
             if site is not None:
                 total = total + site
-        self.state = self.state.replace(posterior=self.prior0(self.config.prior_prec) + total)
+        return self.prior0(self.config.prior_prec) + total
 
     def contributions(self, estimator: str) -> dict[int, DiagGaussian]:
         """``site``: ĝₖ = λ̃ₖ, the stored (damped) site.  The server keeps λ = λ₀ + Σₖ λ̃ₖ over all K (stale sites

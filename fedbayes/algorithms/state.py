@@ -20,7 +20,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from torch import Tensor
 
@@ -53,6 +53,14 @@ def _layout(cls: type) -> tuple[tuple[str, str, bool], ...]:
 @dataclasses.dataclass(frozen=True)
 class State:
     """Base of typed rule states (subclasses are frozen dataclasses of ``DiagGaussian | Params | None`` fields)."""
+
+    DERIVED: ClassVar[tuple[str, ...]] = ()
+    """Fields that are sums over the clients' states (running sums, :mod:`fedbayes.algorithms.sums`): whoever edits
+    the client store behind the rule's back (``fedbayes forget``) sets them to None, and the rule recomputes them."""
+
+    def without_derived(self) -> Self:
+        """A copy with the :data:`DERIVED` fields unset (recomputed from the client store on the next update)."""
+        return dataclasses.replace(self, **{f: None for f in self.DERIVED})
 
     def to_tensors(self) -> dict[str, Tensor]:
         """The flat named tensors of the set fields (the storage layout)."""

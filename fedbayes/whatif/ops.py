@@ -53,7 +53,7 @@ def forget_state(rule: Algorithm, slots: Iterable[int], new_global: DiagGaussian
     removed = {int(s) for s in slots}
     if not isinstance(rule.state, PosteriorState):
         raise TypeError(f"{rule.name} keeps no global posterior to replace")
-    server = rule.state.replace(posterior=new_global.to(dtype=torch.float64)).to_tensors()
+    server = rule.state.replace(posterior=new_global.to(dtype=torch.float64)).without_derived().to_tensors()
     out = {f"server/{k}": v for k, v in server.items()}
     for c in rule.store.clients():
         if c not in removed:
