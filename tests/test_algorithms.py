@@ -534,7 +534,7 @@ def test_running_sums_match_a_full_recomputation_after_many_partial_rounds(cls: 
         got = (rule.state.post_sum, rule.state.dual_sum)
     else:
         assert isinstance(rule, PVI)
-        want, got = (rule.recomputed_posterior(),), (rule.state.posterior,)
+        want, got = (rule.recomputed_sum(),), (rule.state.site_sum,)
     for w, g in zip(want, got, strict=True):
         assert g is not None
         for k in tmpl:

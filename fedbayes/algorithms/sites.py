@@ -8,9 +8,9 @@ new site λ̃ₖ_new = qₖ / λ₋ₖ (computed directly by the local trainer);
 with λ₀ = N(0, δ⁻¹I).  Precisions of the global and of cavities are floored at ``min-prec`` before use (site
 precisions are ≥ 0, so cavities are at least λ₀ in exact arithmetic).
 
-The sum is kept running: a round adds its participants' site changes, λ_g ← λ_g + Σ_{k∈S} (λ̃ₖ_new − λ̃ₖ), so it
-costs O(|S|·P) whatever K; every ``RECOMPUTE_EVERY`` rounds (and after ``fedbayes forget``) λ_g is recomputed
-from the stored sites, which bounds the float64 drift.
+Σₖ λ̃ₖ is kept running (:class:`SiteState`): a round adds its participants' site changes, so it costs O(|S|·P)
+whatever K; every ``RECOMPUTE_EVERY`` rounds, and whenever it is unset (a fresh rule, an older checkpoint,
+``fedbayes forget``), it is recomputed from the stored sites, which bounds the float64 drift.
 """
 
 from __future__ import annotations
@@ -32,7 +32,15 @@ from fedbayes.algorithms.base import (
 from fedbayes.algorithms.state import State
 from fedbayes.gaussian import DiagGaussian, Params
 
-__all__ = ["SiteClient", "SiteConfig", "SiteRule"]
+__all__ = ["SiteClient", "SiteConfig", "SiteRule", "SiteState"]
+
+
+@dataclass(frozen=True)
+class SiteState(PosteriorState):
+    """λ_g and the round-1 start (:class:`PosteriorState`), and the running sum Σ_{k∈active} λ̃ₖ."""
+
+    DERIVED: ClassVar[tuple[str, ...]] = ("site_sum",)
+    site_sum: DiagGaussian | None = None
 
 
 @dataclass(frozen=True)
@@ -47,11 +55,11 @@ class SiteConfig(AlgorithmConfig):
     prior_prec: float = Field(1.0, gt=0.0, description="δ: precision of the prior λ₀ = N(0, δ⁻¹I)")
 
 
-class SiteRule(Algorithm[PosteriorState, SiteClient]):
+class SiteRule(Algorithm[SiteState, SiteClient]):
     bayesian: ClassVar[bool] = True
     Config: ClassVar[type[AlgorithmConfig]] = SiteConfig
     config: SiteConfig
-    GlobalState = PosteriorState
+    GlobalState = SiteState
     ClientState = SiteClient
     warm_start_prec: ClassVar[bool] = False
     removal_estimators: ClassVar[tuple[str, ...]] = ("site",)
@@ -61,8 +69,8 @@ class SiteRule(Algorithm[PosteriorState, SiteClient]):
         """The site damping used by :meth:`aggregate` (FedLap-Cov derives it from K)."""
         raise NotImplementedError
 
-    def init_state(self, init_mean: Params) -> PosteriorState:
-        return PosteriorState(posterior=self.prior0(self.config.prior_prec), start=init_mean)
+    def init_state(self, init_mean: Params) -> SiteState:
+        return SiteState(posterior=self.prior0(self.config.prior_prec), start=init_mean)
 
     def global_posterior(self) -> DiagGaussian:
         return self.state.posterior
@@ -85,26 +93,25 @@ class SiteRule(Algorithm[PosteriorState, SiteClient]):
 
     def update(self, server_round: int, updates: list[ClientUpdate]) -> None:
         rho = self.rho
-        change = self.flat_prior()
+        total = self.state.site_sum if self.state.site_sum is not None else self.recomputed_sum()
         for u in updates:
             assert u.site is not None  # checked by aggregate
             old = self.site(u.client)
             new = old.scale(1 - rho) + u.site.to(dtype=torch.float64).scale(rho)
             self.set_client(u.client, SiteClient(site=new))
-            change = change + (new - old)
-        if not recompute_due(server_round):
-            self.state = self.state.replace(posterior=self.state.posterior + change)
-            return
-        self.state = self.state.replace(posterior=self.recomputed_posterior())
+            total = total + (new - old)
+        if recompute_due(server_round):
+            total = self.recomputed_sum()
+        self.state = self.state.replace(posterior=self.prior0(self.config.prior_prec) + total, site_sum=total)
 
-    def recomputed_posterior(self) -> DiagGaussian:
-        """λ₀ + Σ_{k∈active} λ̃ₖ from the stored sites (an excluded client's stored site is not in the sum)."""
+    def recomputed_sum(self) -> DiagGaussian:
+        """Σ_{k∈active} λ̃ₖ from the stored sites (an excluded client's stored site is not in the sum)."""
         total = self.flat_prior()
         for c in self.active:
             site = self.client(c).site
             if site is not None:
                 total = total + site
-        return self.prior0(self.config.prior_prec) + total
+        return total
 
     def contributions(self, estimator: str) -> dict[int, DiagGaussian]:
         """``site``: ĝₖ = λ̃ₖ, the stored (damped) site.  The server keeps λ = λ₀ + Σₖ λ̃ₖ over all K (stale sites
