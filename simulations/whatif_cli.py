@@ -218,8 +218,8 @@ def add_subparsers(sub: Any) -> None:
                    help="fail instead of the bounded step back when a precision would fall below the prior's")
     w.add_argument("--refine", type=int, default=0, metavar="R",
                    help="then R rounds of the rule over the remaining clients, warm-started (0: the step back)")
-    w.add_argument("--refine-from", choices=["step-back", "trained"], default="step-back",
-                   help="start the refinement from the step back (default) or from the trained global")
+    w.add_argument("--refine-from", choices=["trained", "step-back"], default="trained",
+                   help="start the refinement from the trained global (default) or from the step back")
     w.add_argument("--eval", choices=["full", "subset", "none"], default="full",
                    help="evaluate on the test set, a fixed subset of 2,000 test examples, or not at all")
     w.add_argument("--quiet", action="store_true")

@@ -185,7 +185,7 @@ def test_bayes_admm_site_removal_is_exact_at_convergence_for_any_damping(conjuga
     cfg = BayesADMM.Config(prior_prec=DELTA, rho=1.0, damping=0.3, server_step=0.5)
     full = _federate(conjugate, BayesADMM, cfg, range(5), rounds=60)
     without = _glob(_federate(conjugate, BayesADMM, cfg, [0, 1, 3, 4], rounds=60))
-    site = posterior_without(full, [2])
+    site = posterior_without(full, [2], estimator="site")
     assert site.estimator == "site" and site.step.full
     err = _rel_err(site.posterior, without)
     assert err <= 1e-7, err
@@ -331,11 +331,11 @@ def test_cli_whatif_and_influence_end_to_end(runs: dict[str, Path], tmp_path: Pa
     post = load_file(str(out / "posterior.safetensors"))
     assert {k.split("/")[0] for k in post} == {"mean", "prec"} and all(float(v.min()) > 0 for k, v in post.items()
                                                                        if k.startswith("prec/"))
-    # refined by R = 2 rounds without the client (no evaluation): the refined posterior is the resumed forgotten
-    # run's (forget + resume is the same warm start)
+    # refined by R = 2 rounds without the client from the step back (no evaluation): the refined posterior is the
+    # resumed forgotten run's (forget + resume is the same warm start)
     ref = tmp_path / "r"
     assert main(["whatif", str(runs["pvi"]), "--remove", "1", "--out", str(ref), "--quiet", "--refine", "2",
-                 "--eval", "none"]) == 0
+                 "--refine-from", "step-back", "--eval", "none"]) == 0
     rr = json.loads((ref / "answer.json").read_text())
     assert rr["refine"]["rounds"] == 2 and rr["refine"]["bytes"] > 0 and "whatif" not in rr
     assert not (ref / "answer.png").exists()
