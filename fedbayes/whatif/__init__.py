@@ -105,7 +105,6 @@ from fedbayes.whatif.removal import (
     estimators,
     merge_posteriors,
     posterior_without,
-    remove_contributions,
     repair_gaussian,
     supported_algorithms,
 )
@@ -128,6 +127,6 @@ __all__ = [
     "build_federation", "check_compatible", "check_gaussian", "check_supported", "client_contributions", "deltas",
     "estimators", "evaluate_posterior", "forget", "forget_state", "influence", "kl_diag", "load_run", "merge",
     "merge_posteriors", "new_folder", "parse_clients", "posterior_without", "publish", "rankdata", "refine",
-    "remove_contributions", "repair_gaussian", "retrain_without", "run_federation", "same_partition", "spearman",
+    "repair_gaussian", "retrain_without", "run_federation", "same_partition", "spearman",
     "staging", "supported_algorithms", "whatif", "write_json", "write_posterior_file",
 ]

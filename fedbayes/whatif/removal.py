@@ -30,7 +30,7 @@ from fedbayes.gaussian import DiagGaussian, check_same_layout
 __all__ = [
     "InvalidPosteriorError", "Removal", "RunMismatchError", "StepBack", "UnsupportedAlgorithmError", "Validity",
     "WhatIfError", "bounded_step_back", "check_gaussian", "check_supported", "client_contributions", "estimators",
-    "merge_posteriors", "posterior_without", "prior_precision", "remove_contributions", "repair_gaussian",
+    "merge_posteriors", "posterior_without", "prior_precision", "repair_gaussian",
     "supported_algorithms", "total_contribution",
 ]
 
@@ -89,17 +89,6 @@ def client_contributions(rule: Algorithm, estimator: str | None = None) -> dict[
 
 
 # ============================================================================================ pure algebra
-def remove_contributions(
-    posterior: DiagGaussian, contributions: Mapping[int, DiagGaussian], clients: Iterable[int]
-) -> DiagGaussian:
-    """λ₋S = λ − Σ_{k∈S} ĝₖ (a client without a contribution, e.g. one that never replied, adds nothing)."""
-    out = posterior.clone()
-    for c in clients:
-        if c in contributions:
-            out = out - contributions[c]
-    return out
-
-
 def merge_posteriors(posteriors: Sequence[DiagGaussian], prior: DiagGaussian) -> DiagGaussian:
     """λ = Σᵢ λᵢ − (n − 1)λ₀: the product of n posteriors from disjoint data and one shared prior λ₀.
 
@@ -280,7 +269,7 @@ class Removal:
     step
         The step back's report (coordinates damped, β).
     slots
-        The removed clients as rule slots; ``missing`` those that had no contribution (never replied).
+        The removed clients as rule slots (each took part: removing one that never did is an error).
     estimator
         The name of the contribution estimator used.
     """
@@ -290,7 +279,6 @@ class Removal:
     validity: Validity
     step: StepBack
     slots: list[int]
-    missing: list[int]
     estimator: str
 
 
@@ -367,4 +355,4 @@ def posterior_without(
                                         f"remove fewer clients")
         validity = Validity(validity.broken, validity.numel, validity.min_prec, validity.floor,
                             fallback=step.describe())
-    return Removal(posterior, raw, validity, step, slots, missing, name)
+    return Removal(posterior, raw, validity, step, slots, name)
