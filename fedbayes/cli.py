@@ -152,6 +152,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if "--out" not in options:
             options += ["--out", args.out if args.out != "runs/bench" else "runs/bench/whatif"]
         return bench_whatif(options)
+    if args.name == "scale":
+        from simulations.bench_scale import main as bench_scale
+
+        options = list(args.options)
+        if "--out" not in options:
+            options += ["--out", args.out if args.out != "runs/bench" else "runs/bench/scale"]
+        return bench_scale(options)
     if args.options:
         raise ValueError(f"benchmark '{args.name}' takes no options (got {args.options})")
     if args.name not in BENCHES:
@@ -216,9 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_data)
 
     b = sub.add_parser("bench", help="benchmarks; results written as JSON")
-    b.add_argument("name", help="ivon | engine | flower | whatif (`fedbayes bench whatif --help` for its options)")
+    b.add_argument("name", help="ivon | engine | flower | whatif | scale (`fedbayes bench whatif --help`, "
+                   "`fedbayes bench scale --help` for their options)")
     b.add_argument("--out", default="runs/bench")
-    b.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (whatif)")
+    b.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (whatif, scale)")
     b.set_defaults(fn=cmd_bench)
 
     from simulations.whatif_cli import add_subparsers as add_whatif

@@ -105,6 +105,15 @@ class RunKeys(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lr_schedule: Literal["constant", "cosine"] = "constant"
     store: Literal["memory", "disk"] = "memory"
+    """Where the server keeps per-client state (:mod:`fedbayes.algorithms.store`): ``memory``, or ``disk`` (one file
+    per client in ``checkpoint/clients/`` of the results folder, with an LRU cache of ``store-cache-mb``): memory
+    bounded whatever the number of clients."""
+    client_state_dtype: Literal["float64", "float32"] = "float64"
+    """Precision of the stored per-client state (sites, duals): ``float32`` halves it (docs/scale.md measures its
+    effect on accuracy and on what-if answers); the global state and running sums stay float64."""
+    store_cache_mb: float = Field(512.0, ge=0.0)
+    """``store = "disk"``: the most megabytes of decoded client state kept in memory (512: the 50 participants of a
+    round of bayes-admm on the paper's MLP, 8.5 MB each, stay cached from their configure to the update)."""
     exclude_clients: tuple[int, ...] = ()
     """Clients never asked to train (e.g. after ``fedbayes forget``); ids in [0, num-clients)."""
     # reliability: failure injection (in-process engine) and the round deadline (Flower)

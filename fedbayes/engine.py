@@ -23,18 +23,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedbayes.algorithms import Algorithm, DiskStore
+from fedbayes.algorithms import Algorithm
+from fedbayes.algorithms.store import ClientStore, DiskStore, MemoryStore, state_dtype
 from fedbayes.config import ConfigError, Experiment, resolve
 from fedbayes.data import Dataset, load_dataset, partition, pool, split_summary
 from fedbayes.data.validation import ValidationSet, split_validation
 from fedbayes.models import build_model
 from fedbayes.protocol import execute
-from fedbayes.results import ResultsWriter, atomic_write_bytes
+from fedbayes.results import ResultsWriter, atomic_write_bytes, checkpoint_files
 from fedbayes.resume import load_resume, prepare_folder
 from fedbayes.rounds import Round, record_round
 
 __all__ = [
-    "Federation", "client_parts", "load_partitioned", "one_client", "resolve_device", "run_experiment", "run_rounds",
+    "Federation", "client_parts", "load_partitioned", "make_store", "one_client", "resolve_device", "run_experiment",
+    "run_rounds",
 ]
 
 log = logging.getLogger("fedbayes")
@@ -71,8 +73,8 @@ class Federation:
         run = exp.run
         data, parts, validation = load_partitioned(exp, data_dir)
         model = make_model(exp, data)
-        store = DiskStore(out_dir / "client-state") if (run.store == "disk" and out_dir is not None) else None
         template = {k: v.detach() for k, v in model.named_parameters()}
+        store = make_store(exp, out_dir, {k: tuple(v.shape) for k, v in template.items()})
         active = [c for c in range(run.num_clients) if c not in set(run.exclude_clients)]
         rule = exp.algorithm_cls(template, run.num_clients, exp.algo, store=store, active=active)
         device = resolve_device(run.device)
@@ -170,6 +172,18 @@ def client_parts(exp: Experiment, data: Dataset) -> list[np.ndarray]:
     return [pool(parts)] if run.pool_clients > 0 else parts
 
 
+def make_store(exp: Experiment, out_dir: Path | None, shapes: Mapping[str, tuple[int, ...]]) -> ClientStore:
+    """The run's client store (:mod:`fedbayes.algorithms.store`): ``store = "disk"`` with a results folder keeps
+    the clients in its ``checkpoint/clients`` (the checkpoint's own files, so checkpoints copy nothing); otherwise
+    memory.  Both keep ``client-state-dtype``."""
+    run = exp.run
+    dtype = state_dtype(run.client_state_dtype)
+    if run.store == "disk" and out_dir is not None:
+        files = checkpoint_files(out_dir, exp.to_flat(), shapes=shapes)
+        return DiskStore(files, dtype, cache_bytes=int(run.store_cache_mb * 2**20))
+    return MemoryStore(dtype)
+
+
 def make_model(exp: Experiment, data: Dataset) -> nn.Module:
     run = exp.run
     outputs = data.num_classes if data.task == "classification" else 1
@@ -221,7 +235,7 @@ def run_experiment(
         exp, start_round, rows = cont.exp, cont.start_round, list(cont.rows)
     fed = Federation.build(exp, out, data_dir)
     if cont is not None:
-        fed.rule.load_state_tensors(cont.state)
+        cont.load_into(fed.rule)
     writer = None
     if out is not None:
         writer = prepare_folder(cont) if cont is not None else ResultsWriter(out, exp.to_flat())

@@ -3,8 +3,17 @@
 ``config.json``            the resolved flat configuration (``fedbayes run --config`` reproduces the run)
 ``metrics.jsonl``          one JSON object per evaluated round
 ``posterior.safetensors``  the final global ``mean/<param>`` (and ``prec/<param>`` for Bayesian rules), float64
-``checkpoint/``            ``state.safetensors`` (the algorithm's server + per-client tensors) and ``meta.json``
-                           (round, metrics so far, config, SHA-256 of the state file)
+``checkpoint/``            ``state.safetensors`` (the rule's global state and running sums), ``clients/`` (one
+                           safetensors file per client that has state: :class:`fedbayes.algorithms.store.ClientFiles`)
+                           and ``meta.json`` (round, metrics so far, config, SHA-256 of the state file, and the index
+                           client → [file, SHA-256]); checkpoints of format 1 (every client's tensors inside
+                           ``state.safetensors``, no index) are still read
+
+**Incremental checkpoints** (format 2).  A round's checkpoint writes the global state and only the clients whose
+state changed since the last one (:meth:`fedbayes.algorithms.store.ClientStore.dirty`), each to a new file; the
+index in ``meta.json`` says which file is each client's.  ``meta.json`` is replaced last, atomically, and the files
+it no longer names are deleted only after that, so a kill at any instant leaves the previous or the new checkpoint
+whole.  With ``store = "disk"`` the client store *is* ``checkpoint/clients/`` (its writes are the checkpoint's).
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a crash leaves
 either the old or the new version, never half of one.  No pickle anywhere.
@@ -17,16 +26,46 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from fedbayes.algorithms.store import ClientFiles, ClientStore, DiskStore, MemoryStore, StoreError
 from fedbayes.gaussian import DiagGaussian
 
+if TYPE_CHECKING:
+    from fedbayes.algorithms.base import Algorithm
+
 __all__ = [
-    "CheckpointError", "ResultsWriter", "atomic_write_bytes", "load_checkpoint", "read_metrics", "read_posterior",
+    "CHECKPOINT_FORMAT", "CheckpointError", "ResultsWriter", "atomic_write_bytes", "checkpoint_files",
+    "load_checkpoint", "read_metrics", "read_posterior", "run_fingerprint",
 ]
+
+CHECKPOINT_FORMAT = 2
+"""2: global state in ``state.safetensors``, clients in ``clients/`` with an index in ``meta.json``; 1: all in one
+file (still read)."""
+CLIENTS = "clients"
+"""The checkpoint's per-client folder (also the live folder of ``store = "disk"``)."""
+FINGERPRINT_KEYS = ("algorithm", "dataset", "train-fraction", "model", "hidden", "activation", "num-clients",
+                    "partition", "seed")
+"""The run keys that say what a client file means: the rule, the model, and which federation (a later version's new
+keys, ``rounds`` extended on resume, or a changed learning rate do not make earlier files foreign)."""
+
+
+def run_fingerprint(config: Mapping[str, Any]) -> str:
+    """The identity of a run's client state: SHA-256 of :data:`FINGERPRINT_KEYS` of its flat config (written into
+    each client file, so a file from another run or model is refused, naming the file and client)."""
+    keep = {k: config.get(k) for k in FINGERPRINT_KEYS}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_files(run_dir: str | Path, config: Mapping[str, Any], index: Mapping[str, Any] | None = None,
+                     shapes: Mapping[str, tuple[int, ...]] | None = None) -> ClientFiles:
+    """The :class:`ClientFiles` of ``run_dir/checkpoint/clients`` with ``index`` (a meta.json's ``clients``)."""
+    idx = {int(c): (str(v[0]), str(v[1])) for c, v in (index or {}).items()}
+    return ClientFiles(Path(run_dir) / "checkpoint" / CLIENTS, idx, fingerprint=run_fingerprint(config),
+                       shapes=shapes)
 
 
 NEXT_STATE = "state.next.safetensors"
@@ -64,17 +103,39 @@ def _sha256(path: Path) -> str:
 
 
 class ResultsWriter:
-    """Writes one run's folder; ``resume=True`` keeps what is there."""
+    """Writes one run's folder; ``resume=True`` keeps what is there (and the checkpoint's client index)."""
 
     def __init__(self, out_dir: str | Path, config: Mapping[str, Any], *, resume: bool = False) -> None:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
+        self.last_checkpoint_bytes = 0
+        """Bytes the last :meth:`write_checkpoint` wrote (global state, changed clients, meta)."""
+        index = None
         if not resume:
             atomic_write_bytes(self.dir / "config.json", (json.dumps(self.config, indent=2) + "\n").encode())
             mpath = self.dir / "metrics.jsonl"
             if mpath.exists():
                 mpath.unlink()
+        else:
+            meta_p = self.dir / "checkpoint" / "meta.json"
+            if meta_p.exists():
+                index = json.loads(meta_p.read_text()).get("clients")
+        self._files: ClientFiles | None = None
+        self._index = index
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoint"
+
+    def client_folder(self) -> Path:
+        """``checkpoint/clients``: where the checkpoint's client files live (``store = "disk"`` stores there)."""
+        return self.checkpoint_dir / CLIENTS
+
+    def _own_files(self) -> ClientFiles:
+        if self._files is None:
+            self._files = checkpoint_files(self.dir, self.config, self._index)
+        return self._files
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         with open(self.dir / "metrics.jsonl", "a") as fh:
@@ -92,38 +153,93 @@ class ResultsWriter:
             tensors.update({f"prec/{k}": v.double() for k, v in posterior.prec.items()})
         _atomic_save_tensors(self.dir / "posterior.safetensors", tensors)
 
-    def write_checkpoint(self, server_round: int, state: Mapping[str, Tensor], metrics: list[dict[str, Any]],
-                         extra: Mapping[str, Any] | None = None) -> None:
-        """Write ``checkpoint/`` so that a kill at any instant leaves a loadable pair (state, meta).
+    def write_checkpoint(self, server_round: int, state: Algorithm | Mapping[str, Tensor],
+                         metrics: list[dict[str, Any]], extra: Mapping[str, Any] | None = None) -> None:
+        """Write ``checkpoint/`` incrementally so that a kill at any instant leaves a loadable checkpoint.
 
-        Order: the new state goes to ``state.next.safetensors`` (atomically), then ``meta.json`` with its SHA-256
-        (atomically), then the state is renamed over ``state.safetensors``.  Killed before the meta: the old pair
-        is intact.  Killed between the meta and the rename: :func:`load_checkpoint` finds the state whose digest
-        the meta records in ``state.next.safetensors``.  (Replacing the state first, as before, left a new state
-        under an old meta: a SIGKILL there made the run unresumable.)"""
-        ck = self.dir / "checkpoint"
+        ``state`` is the rule (its global state, and the clients its store marks dirty) or a flat
+        ``server/…`` + ``client/<k>/…`` mapping (every client written).  Order: the changed clients' files (new
+        names, fsynced), the global state to ``state.next.safetensors`` (atomically), then ``meta.json`` with the
+        state's SHA-256 and the client index (atomically), then the state is renamed over ``state.safetensors``
+        and the files the index no longer names are deleted.  Killed before the meta: the old checkpoint is
+        intact (its files were not touched).  Killed between the meta and the rename: :func:`load_checkpoint`
+        finds the state whose digest the meta records in ``state.next.safetensors``.
+
+        Raises
+        ------
+        CheckpointError
+            A write failed (e.g. a full disk): the message names the file (and client); the previous checkpoint
+            is left as it was.
+        """
+        from fedbayes.algorithms.base import Algorithm, split_clients
+
+        ck = self.checkpoint_dir
         ck.mkdir(exist_ok=True)
-        nxt = ck / NEXT_STATE
-        _atomic_save_tensors(nxt, state)
-        meta = {
-            "round": server_round,
-            "config": self.config,
-            "metrics": metrics,
-            "state_sha256": _sha256(nxt),
-            **(extra or {}),
-        }
-        atomic_write_bytes(ck / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
+        store: ClientStore
+        if isinstance(state, Algorithm):
+            server, store = state.server_tensors(), state.store
+        else:
+            server = {k: v for k, v in state.items() if k.startswith("server/")}
+            store = MemoryStore()
+            for c, d in split_clients(state).items():
+                store.put_all(c, d)
+        live = isinstance(store, DiskStore) and store.root.resolve() == self.client_folder().resolve()
+        files = store.files if isinstance(store, DiskStore) and live else self._own_files()
+        written0 = files.bytes_written
+        prev = self._last_round()
+        try:
+            if not live:
+                for c in store.dirty():
+                    t = store.get_all(c)
+                    if t:
+                        files.write(c, {k: v.to(store.dtype) for k, v in t.items()})
+                    else:
+                        files.remove(c)
+            files.sync()
+            nxt = ck / NEXT_STATE
+            _atomic_save_tensors(nxt, server)
+            meta = {
+                "format": CHECKPOINT_FORMAT,
+                "round": server_round,
+                "config": self.config,
+                "metrics": metrics,
+                "state_sha256": _sha256(nxt),
+                "client_dtype": str(store.dtype).removeprefix("torch."),
+                "clients": files.index_json(),
+                **(extra or {}),
+            }
+            blob = (json.dumps(meta, indent=1) + "\n").encode()
+            atomic_write_bytes(ck / "meta.json", blob)
+        except (OSError, StoreError) as e:
+            kept = f"the checkpoint of round {prev} is intact" if prev else "no earlier checkpoint exists"
+            raise CheckpointError(f"writing the checkpoint of round {server_round} failed: {e}; {kept}") from e
         os.replace(nxt, ck / "state.safetensors")
+        files.commit()
+        store.mark_clean()
+        self.last_checkpoint_bytes = (files.bytes_written - written0 + (ck / "state.safetensors").stat().st_size
+                                      + len(blob))
+
+    def _last_round(self) -> int | None:
+        try:
+            return int(json.loads((self.checkpoint_dir / "meta.json").read_text())["round"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
 
-def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def load_checkpoint(run_dir: str | Path, *, clients: bool = True,
+                    shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read and verify ``run_dir/checkpoint``; returns (meta, state tensors).
+
+    The state holds ``server/…`` and, with ``clients=True``, every client's ``client/<k>/…`` tensors (read from
+    ``clients/`` and verified against the index for format 2).  ``clients=False`` checks only that every indexed
+    file exists (a resumed ``store = "disk"`` run reads them as it needs them, verifying each).
 
     Raises
     ------
     CheckpointError
         Missing files, unreadable JSON, a state file whose SHA-256 differs from the one recorded, or one that
-        safetensors cannot parse (truncated).
+        safetensors cannot parse (truncated); a client file that is missing, damaged or from another run (named
+        with its client).
     """
     ck = Path(run_dir) / "checkpoint"
     meta_p, state_p = ck / "meta.json", ck / "state.safetensors"
@@ -148,6 +264,21 @@ def load_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Tens
         state = load_file(str(state_p))
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"checkpoint {state_p} cannot be read: {e}") from None
+    index = meta.get("clients")
+    if index is None:
+        return meta, state
+    if not isinstance(index, dict) or not all(
+            str(c).isdigit() and isinstance(v, list) and len(v) == 2 for c, v in index.items()):
+        raise CheckpointError(f"checkpoint {meta_p}: its client index is malformed")
+    files = checkpoint_files(run_dir, meta["config"], index, shapes)
+    for c in sorted(files.index):
+        if not files.path(c).is_file():
+            raise CheckpointError(f"checkpoint {ck}: client {c}'s state file {files.path(c)} is missing")
+        if clients:
+            try:
+                state.update({f"client/{c}/{k}": v for k, v in files.read(c).items()})
+            except StoreError as e:
+                raise CheckpointError(f"checkpoint {ck}: {e}") from None
     return meta, state
 
 

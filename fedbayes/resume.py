@@ -12,8 +12,9 @@ round):
   corrupted checkpoint raises :class:`fedbayes.results.CheckpointError`, a run config that describes another
   experiment raises :class:`fedbayes.config.ConfigError` naming the keys; the folder is left as it was.
 * Only :data:`MAY_CHANGE` may differ: ``rounds`` (the run may be extended; the larger of the run config's and the
-  checkpoint's count wins, as in the engine) and ``round-timeout`` (a deployment setting).  Every other key must
-  equal the checkpoint's, because the ClientApps rebuild their data and model from the run config they are given.
+  checkpoint's count wins, as in the engine), ``round-timeout`` and ``store-cache-mb`` (deployment settings).
+  Every other key must equal the checkpoint's, because the ClientApps rebuild their data and model from the run
+  config they are given.
 * :func:`prepare_folder` then cuts ``metrics.jsonl`` back to the checkpoint's rows (a crash between the metrics
   append and the checkpoint write leaves one row too many) and rewrites ``config.json`` with the new ``rounds``.
 
@@ -30,12 +31,15 @@ from typing import Any
 
 from torch import Tensor
 
+from fedbayes.algorithms import Algorithm
+from fedbayes.algorithms.base import split_clients
+from fedbayes.algorithms.store import DiskStore, StoreError
 from fedbayes.config import ConfigError, Experiment, resolve
-from fedbayes.results import CheckpointError, ResultsWriter, atomic_write_bytes, load_checkpoint
+from fedbayes.results import CheckpointError, ResultsWriter, atomic_write_bytes, checkpoint_files, load_checkpoint
 
 __all__ = ["MAY_CHANGE", "Resume", "load_resume", "prepare_folder"]
 
-MAY_CHANGE = ("rounds", "round-timeout")
+MAY_CHANGE = ("rounds", "round-timeout", "store-cache-mb")
 """Run keys a resumed run may set differently from the checkpoint's config."""
 
 
@@ -63,6 +67,38 @@ class Resume:
     done: int
     rows: list[dict[str, Any]]
     state: dict[str, Tensor]
+    clients: dict[str, Any] | None = None
+    """The checkpoint's client index (format 2: client files in ``checkpoint/clients``); None: format 1, the
+    clients' tensors are in ``state``."""
+
+    def load_into(self, rule: Algorithm) -> None:
+        """Give ``rule`` the checkpoint's state: the global state, and the clients' — adopted in place when the
+        rule's store is this folder's ``checkpoint/clients`` (``store = "disk"``: read lazily, each file verified
+        when read), else read (verified) into its store.  Nothing is written.
+
+        Raises
+        ------
+        CheckpointError
+            A client file is damaged or belongs to another run or model (the message names file and client).
+        """
+        rule.load_server_tensors(self.state)
+        if self.clients is None:  # format 1: every client inside the state file; written out at the next checkpoint
+            for c, d in split_clients(self.state).items():
+                rule.store.put_all(c, d)
+            return
+        shapes = {k: tuple(s) for k, s in rule.shapes.items()}
+        files = checkpoint_files(self.folder, self.exp.to_flat(), self.clients, shapes)
+        store = rule.store
+        if isinstance(store, DiskStore) and store.root.resolve() == files.folder.resolve():
+            store.files.index = dict(files.index)
+            store.files.shapes = shapes
+        else:
+            for c in sorted(files.index):
+                try:
+                    store.put_all(c, files.read(c))
+                except StoreError as e:
+                    raise _fail(self.folder, str(e)) from None
+        store.mark_clean()
 
     @property
     def start_round(self) -> int:
@@ -99,7 +135,7 @@ def load_resume(folder: Path, exp: Experiment | None = None, *, rounds: int | No
     if not folder.is_dir():
         raise _fail(folder, "no such results folder")
     try:
-        meta, state = load_checkpoint(folder)
+        meta, state = load_checkpoint(folder, clients=False)
     except CheckpointError as e:
         raise _fail(folder, str(e)) from None
     done, rows = meta["round"], meta["metrics"]
@@ -117,7 +153,8 @@ def load_resume(folder: Path, exp: Experiment | None = None, *, rounds: int | No
     have = saved.to_flat()
     if exp is None:
         total = max(int(rounds or 0), saved.run.rounds)
-        return Resume(folder, resolve({**have, "rounds": total}), done, [dict(r) for r in rows], state)
+        return Resume(folder, resolve({**have, "rounds": total}), done, [dict(r) for r in rows], state,
+                      meta.get("clients"))
     want = exp.to_flat()
     differ = sorted(k for k in set(want) | set(have) if k not in MAY_CHANGE and want.get(k) != have.get(k))
     if differ:
@@ -126,8 +163,9 @@ def load_resume(folder: Path, exp: Experiment | None = None, *, rounds: int | No
             f"resume-from {folder}: the run config describes another experiment than the checkpoint's: {shown}. "
             f"Pass the original run's config; only {list(MAY_CHANGE)} may change. Nothing was written"
         )
-    cont = resolve({**have, "rounds": max(exp.run.rounds, saved.run.rounds), "round-timeout": exp.run.round_timeout})
-    return Resume(folder, cont, done, [dict(r) for r in rows], state)
+    cont = resolve({**have, "rounds": max(exp.run.rounds, saved.run.rounds), "round-timeout": exp.run.round_timeout,
+                    "store-cache-mb": exp.run.store_cache_mb})
+    return Resume(folder, cont, done, [dict(r) for r in rows], state, meta.get("clients"))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

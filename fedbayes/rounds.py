@@ -273,4 +273,4 @@ def record_round(writer: ResultsWriter | None, rule: Algorithm, row: dict[str, A
     post = rule.global_posterior()
     writer.write_posterior(rule.global_mean(), rule.floor(post) if post is not None else None)
     if checkpoint:
-        writer.write_checkpoint(int(row["round"]), rule.state_tensors(), rows)
+        writer.write_checkpoint(int(row["round"]), rule, rows)

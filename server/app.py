@@ -65,7 +65,9 @@ def main(grid: Grid, context: Context) -> None:
     fed = Federation.build(exp, out if exp.run.store == "disk" else None, opts.data_dir)
     if resume is not None:
         try:
-            fed.rule.load_state_tensors(resume.state)
+            resume.load_into(fed.rule)
+        except CheckpointError:
+            raise
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"cannot resume from {out}: the checkpoint's state does not fit the "
                                   f"{exp.run.algorithm} rule: {e}") from None

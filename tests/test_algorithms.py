@@ -542,6 +542,46 @@ def test_running_sums_match_a_full_recomputation_after_many_partial_rounds(cls: 
                 assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max()), k
 
 
+@pytest.mark.parametrize("cls", [FedADMM, FedLap])
+def test_mean_rules_running_sums_follow_their_o_k_definition(cls: type[Algorithm],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedADMM's m_g = (1/K)Σₖ(mₖ + yₖ/ρ) and FedLap's m_g = Σₖ vₖ over all K clients, re-derived every round from
+    a hand-kept copy of every client's state, match the rules' running sums (never recomputed) to 1e-12."""
+    import fedbayes.algorithms.base as base
+
+    monkeypatch.setattr(base, "RECOMPUTE_EVERY", 10**9)
+    gen = torch.Generator().manual_seed(5)
+    tmpl = {"w": torch.zeros(5, 3), "b": torch.zeros(3)}
+    K, rho = 30, 0.2
+    cfg = FedADMMConfig(rho=rho) if cls is FedADMM else FedLapConfig(rho=rho)
+    rule = cls(tmpl, K, cfg, active=[c for c in range(K) if c != 4])
+    active = [c for c in range(K) if c != 4]
+    init = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in tmpl.items()}
+    rule.state = rule.init_state(init)
+    zero = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in tmpl.items()}
+    m = {c: dict(init) for c in active}  # FedADMM: mₖ (never heard from: the round-0 mean)
+    y = {c: dict(zero) for c in active}  # FedADMM yₖ, FedLap vₖ
+    for r in range(1, 301):
+        chosen = sorted(int(c) for c in torch.randperm(K, generator=gen)[:4] if int(c) != 4)
+        fresh = {c: {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) * 3 for k, v in tmpl.items()}
+                 for c in chosen}
+        m_g = rule.global_mean()
+        rule.aggregate(r, [ClientUpdate(c, 10, mean={k: v.float() for k, v in fresh[c].items()}) for c in chosen])
+        fresh = {c: {k: v.float().double() for k, v in f.items()} for c, f in fresh.items()}  # as sent (float32)
+        if cls is FedADMM:
+            m.update(fresh)
+            want = {k: sum(m[c][k] + y[c][k] / rho for c in active) / len(active) for k in tmpl}
+            for c in chosen:
+                y[c] = {k: y[c][k] + rho * (m[c][k] - want[k]) for k in tmpl}
+        else:
+            for c in chosen:
+                y[c] = {k: y[c][k] + rho * (fresh[c][k] - m_g[k]) for k in tmpl}
+            want = {k: sum(y[c][k] for c in active) for k in tmpl}
+        got = rule.global_mean()
+        for k in tmpl:
+            assert float((got[k] - want[k]).abs().max()) <= 1e-12 * float(want[k].abs().max()), (r, k)
+
+
 def test_running_sums_are_recomputed_when_unset_and_on_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     import fedbayes.algorithms.base as base
 

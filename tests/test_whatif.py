@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fedbayes.algorithms import Algorithm
 from fedbayes.algorithms.base import AlgorithmConfig, ClientUpdate
@@ -29,6 +29,7 @@ from fedbayes.engine import run_experiment
 from fedbayes.gaussian import DiagGaussian
 from fedbayes.local import LocalSettings, train_local
 from fedbayes.models import build_model
+from fedbayes.results import load_checkpoint
 from fedbayes.whatif import (
     InvalidPosteriorError,
     UnsupportedAlgorithmError,
@@ -244,20 +245,25 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _forge_big_site(src: Path, dst: Path, client: int, entries: int) -> None:
-    """A copy of ``src`` whose client site exceeds the global precision on ``entries`` entries."""
+    """A copy of ``src`` whose client site exceeds the global precision on ``entries`` entries (written as a valid
+    client file of the checkpoint, so only the what-if's own check can refuse it)."""
     import shutil
+
+    from fedbayes.results import checkpoint_files
 
     shutil.copytree(src, dst)
     ck = dst / "checkpoint"
-    state = load_file(str(ck / "state.safetensors"))
-    key = next(k for k in state if k.startswith(f"client/{client}/site.prec/"))
-    glob = state["server/global.prec/" + key.split("site.prec/")[1]]
-    t = state[key].clone()
-    t.view(-1)[:entries] = glob.reshape(-1)[:entries] + 1.0
-    state[key] = t
-    save_file(state, str(ck / "state.safetensors"))
     meta = json.loads((ck / "meta.json").read_text())
-    meta["state_sha256"] = hashlib.sha256((ck / "state.safetensors").read_bytes()).hexdigest()
+    files = checkpoint_files(dst, meta["config"], meta["clients"])
+    tensors = files.read(client)
+    state = load_file(str(ck / "state.safetensors"))
+    key = next(k for k in tensors if k.startswith("site.prec/"))
+    glob = state["server/global.prec/" + key.split("site.prec/")[1]]
+    t = tensors[key].clone()
+    t.view(-1)[:entries] = glob.reshape(-1)[:entries].to(t.dtype) + 1.0
+    tensors[key] = t
+    files.write(client, tensors)
+    meta["clients"] = files.index_json()
     (ck / "meta.json").write_text(json.dumps(meta))
 
 
@@ -399,7 +405,7 @@ def test_forget_writes_a_resumable_run_without_the_client(runs: dict[str, Path],
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["exclude-clients"] == [1]
     assert (out / "metrics.jsonl").read_text() == (runs["pvi"] / "metrics.jsonl").read_text()
-    state = load_file(str(out / "checkpoint" / "state.safetensors"))
+    _, state = load_checkpoint(out)  # the global, and every client's verified file (checkpoint format 2)
     assert sorted({int(k.split("/")[1]) for k in state if k.startswith("client/")}) == [0, 2, 3]
     src = load_run(runs["pvi"])
     want = posterior_without(src.rule, [1]).posterior

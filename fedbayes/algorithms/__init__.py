@@ -12,8 +12,6 @@ from fedbayes.algorithms.base import (
     ClientStore,
     ClientTask,
     ClientUpdate,
-    DiskStore,
-    MemoryStore,
     cosine_lr,
 )
 from fedbayes.algorithms.bayes_admm import BayesADMM
@@ -24,6 +22,7 @@ from fedbayes.algorithms.fedlap import FedLap
 from fedbayes.algorithms.fedlap_cov import FedLapCov
 from fedbayes.algorithms.fedprox import FedProx
 from fedbayes.algorithms.pvi import PVI
+from fedbayes.algorithms.store import DiskStore, MemoryStore
 
 REGISTRY: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (FedAvg, FedProx, FedADMM, FedDyn, FedLap, FedLapCov, PVI, BayesADMM)

@@ -26,7 +26,6 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from fedbayes.algorithms.space import Dim
 from fedbayes.algorithms.state import NoState, State
+from fedbayes.algorithms.store import ClientStore, DiskStore, MemoryStore
 from fedbayes.gaussian import DiagGaussian, Params
 from fedbayes.keys import kebab
 
@@ -48,6 +48,7 @@ __all__ = [
     "KScaledRho",
     "MemoryStore",
     "PosteriorState",
+    "split_clients",
 ]
 
 G = TypeVar("G", bound=State)
@@ -115,61 +116,6 @@ class ClientUpdate:
     mean: Params | None = None
     site: DiagGaussian | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------- storage
-class ClientStore(ABC):
-    """Per-client named tensors (float64), e.g. ``store.get(3, "site.eta/fc.weight")``."""
-
-    @abstractmethod
-    def get_all(self, client: int) -> dict[str, Tensor]: ...
-
-    @abstractmethod
-    def put_all(self, client: int, tensors: Mapping[str, Tensor]) -> None: ...
-
-    @abstractmethod
-    def clients(self) -> list[int]: ...
-
-
-class MemoryStore(ClientStore):
-    def __init__(self) -> None:
-        self._d: dict[int, dict[str, Tensor]] = {}
-
-    def get_all(self, client: int) -> dict[str, Tensor]:
-        return dict(self._d.get(client, {}))
-
-    def put_all(self, client: int, tensors: Mapping[str, Tensor]) -> None:
-        self._d[client] = {k: v.clone() for k, v in tensors.items()}
-
-    def clients(self) -> list[int]:
-        return sorted(self._d)
-
-
-class DiskStore(ClientStore):
-    """One safetensors file per client under ``root`` (for many clients or large models); atomic writes."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, client: int) -> Path:
-        return self.root / f"client-{client:06d}.safetensors"
-
-    def get_all(self, client: int) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
-
-        p = self._path(client)
-        return load_file(str(p)) if p.exists() else {}
-
-    def put_all(self, client: int, tensors: Mapping[str, Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        tmp = self._path(client).with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(self._path(client))
-
-    def clients(self) -> list[int]:
-        return sorted(int(p.stem.split("-")[1]) for p in self.root.glob("client-*.safetensors"))
 
 
 @dataclass(frozen=True)
@@ -326,8 +272,11 @@ class Algorithm(ABC, Generic[G, C]):
         """Client ``client``'s state (every field ``None`` for a client never heard from)."""
         return cast(C, self.ClientState.from_tensors(self.store.get_all(client), self.names))
 
-    def set_client(self, client: int, state: C) -> None:
-        self.store.put_all(client, state.to_tensors())
+    def set_client(self, client: int, state: C) -> C:
+        """Store client ``client``'s state; returns it as stored (rounded when the store keeps float32), which is
+        what running sums must add so that a recomputation from the store agrees with them."""
+        stored = self.store.put_all(client, state.to_tensors())
+        return cast(C, self.ClientState.from_tensors(stored, self.names))
 
     def check_update(self, u: ClientUpdate, need_site: bool) -> None:
         if not 0 <= u.client < self.K:
@@ -371,26 +320,42 @@ class Algorithm(ABC, Generic[G, C]):
         return self.bayesian
 
     # -- state ----------------------------------------------------------------------------------------
+    def server_tensors(self) -> dict[str, Tensor]:
+        """The global state as flat named tensors (``server/<field>/<param>``): what a checkpoint's state file holds;
+        the clients' state is in the client store (:meth:`state_tensors` for both at once)."""
+        return {f"server/{k}": v for k, v in self.state.to_tensors().items()}
+
     def state_tensors(self) -> dict[str, Tensor]:
-        """Everything the rule needs to continue, as flat named tensors (server + every client)."""
-        out = {f"server/{k}": v for k, v in self.state.to_tensors().items()}
+        """Everything the rule needs to continue, as flat named tensors (server + every client; O(K) memory: for
+        small federations and tests; checkpoints write the client store incrementally)."""
+        out = self.server_tensors()
         for c in self.store.clients():
             out.update({f"client/{c}/{k}": v for k, v in self.store.get_all(c).items()})
         return out
 
-    def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+    def load_server_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Set the global state from ``server/…`` tensors (other keys ignored); the client store is untouched."""
         server = {k[len("server/"):]: v.clone() for k, v in tensors.items() if k.startswith("server/")}
         missing = set(self.state.to_tensors()) - set(server)
         if missing:
             raise ValueError(f"{self.name}: checkpoint lacks server tensors {sorted(missing)[:5]}")
         self.state = cast(G, self.GlobalState.from_tensors(server, self.names))
-        per: dict[int, dict[str, Tensor]] = {}
-        for k, v in tensors.items():
-            if k.startswith("client/"):
-                _, cid, rest = k.split("/", 2)
-                per.setdefault(int(cid), {})[rest] = v
-        for client, d in per.items():
+
+    def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Inverse of :meth:`state_tensors`: the global state and every ``client/<k>/…`` entry into the store."""
+        self.load_server_tensors(tensors)
+        for client, d in split_clients(tensors).items():
             self.store.put_all(client, d)
+
+
+def split_clients(tensors: Mapping[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+    """``client/<k>/<name>`` entries of a flat state, grouped by client k."""
+    per: dict[int, dict[str, Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("client/"):
+            _, cid, rest = k.split("/", 2)
+            per.setdefault(int(cid), {})[rest] = v
+    return per
 
 
 def cosine_lr(base: float, server_round: int, num_rounds: int, final_fraction: float = 0.0) -> float:

@@ -186,9 +186,10 @@ class BayesADMM(Algorithm[ADMMState, Client]):
             post = self.floor(post)
             old = self.client(u.client)
             dual = self.dual(u.client) + (post - glob).scale(gamma * rho)
-            self.set_client(u.client, Client(dual=dual, post=post, site=u.site.to(dtype=glob.dtype)))
-            post_sum = post_sum + post - (old.post if old.post is not None else lam0)
-            dual_sum = dual_sum + (dual - old.dual if old.dual is not None else dual)
+            kept = self.set_client(u.client, Client(dual=dual, post=post, site=u.site.to(dtype=glob.dtype)))
+            assert kept.post is not None and kept.dual is not None  # as stored (float32 state: rounded)
+            post_sum = post_sum + kept.post - (old.post if old.post is not None else lam0)
+            dual_sum = dual_sum + (kept.dual - old.dual if old.dual is not None else kept.dual)
         if recompute_due(server_round):
             post_sum, dual_sum = self.recomputed_sums()
         a = self.alpha
@@ -200,12 +201,16 @@ class BayesADMM(Algorithm[ADMMState, Client]):
         """(Σ_{k∈active} λₖ, Σ_{k∈active} λ̂ₖ) from the client store (λ₀ and 0 for a client never heard from)."""
         lam0 = self.prior0(self.config.prior_prec)
         post_sum, dual_sum = self.flat_prior(), self.flat_prior()
-        for c in self.active:
+        active, unseen = set(self.active), len(self.active)
+        for c in self.store.clients():  # O(clients heard from), not O(K)
+            if c not in active:
+                continue
             st = self.client(c)
-            post_sum = post_sum + (st.post if st.post is not None else lam0)
+            if st.post is not None:
+                post_sum, unseen = post_sum + st.post, unseen - 1
             if st.dual is not None:
                 dual_sum = dual_sum + st.dual
-        return post_sum, dual_sum
+        return post_sum + lam0.scale(unseen), dual_sum
 
     def contributions(self, estimator: str) -> dict[int, DiagGaussian]:
         """``dual`` (default): ĝₖ = λ̂ₖ; ``site``: ĝₖ = ρλ̃ₖ, the stored site of the client's last reply;

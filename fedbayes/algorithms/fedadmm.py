@@ -11,6 +11,10 @@ Server, in Boyd's order (z-update with the new primal and old duals, then the du
     m_g ← (1/K) Σₖ (mₖ + yₖ/ρ)
     yₖ  ← yₖ + ρ(mₖ − m_g)          for k ∈ S
 
+The sum over all K clients is kept as a running sum T = Σₖ (mₖ + yₖ/ρ) (``Global.total``), updated by the
+participants' changes, so a round costs O(participants × parameters), not O(K × parameters); it is recomputed
+from the client store every ``RECOMPUTE_EVERY`` rounds (bounding float64 drift) and when it is missing.
+
 The reference code uses Gong et al.'s server step w_g ← w_g + (η/K)Σ(2wₖ − w_g − wₖ_old) and unsquared norms;
 we implement the standard consensus ADMM instead (its fixed point is the minimiser of Σₖ ℓ̄ₖ).
 """
@@ -22,7 +26,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from fedbayes.algorithms.base import Algorithm, AlgorithmConfig, ClientTask, ClientUpdate
+from fedbayes.algorithms.base import Algorithm, AlgorithmConfig, ClientTask, ClientUpdate, recompute_due
 from fedbayes.algorithms.space import Dim, LogUniform
 from fedbayes.algorithms.state import State
 from fedbayes.gaussian import DiagGaussian, Params
@@ -32,10 +36,14 @@ __all__ = ["FedADMM", "FedADMMConfig"]
 
 @dataclass(frozen=True)
 class Global(State):
+    DERIVED: ClassVar[tuple[str, ...]] = ("total",)
+
     mean: Params
     """m_g."""
     init: Params | None = None
     """The round-0 mean: mₖ of a client never heard from (set at the first update)."""
+    total: Params | None = None
+    """T = Σ_{k active} (mₖ + yₖ/ρ), the running sum behind m_g = T/K (clients never heard from count as init)."""
 
 
 @dataclass(frozen=True)
@@ -82,20 +90,38 @@ class FedADMM(Algorithm[Global, Client]):
     def update(self, server_round: int, updates: list[ClientUpdate]) -> None:
         if not updates:
             return
-        rho = self.config.rho
+        rho, K = self.config.rho, len(self.active)
         init = self.state.init or self.state.mean  # remember the round-0 mean for never-seen clients
         self.state = self.state.replace(init=init)
+        total = self.state.total if self.state.total is not None else self.recomputed_total()
+        old = {u.client: self._client(u.client) for u in updates}
         fresh = {u.client: self.mean_of(u) for u in updates}
-        acc = self.zeros()
-        duals: dict[int, Params] = {}
-        for c in self.active:
-            m, y = self._client(c)
-            if c in fresh:
-                m = fresh[c]
-            duals[c] = y
-            for k in self.names:
-                acc[k] += (m[k] + y[k] / rho) / len(self.active)
-        self.state = self.state.replace(mean=acc)
+        # z-update with the new primals and the old duals: T − Σ_S mₖ_old + Σ_S mₖ
+        z_sum = dict(total)
         for c, m in fresh.items():
-            y = {k: duals[c][k] + rho * (m[k] - acc[k]) for k in self.names}
-            self.set_client(c, Client(local=m, dual=y))
+            z_sum = {k: z_sum[k] + (m[k] - old[c][0][k]) for k in self.names}
+        m_g = {k: v / K for k, v in z_sum.items()}
+        for c, m in fresh.items():
+            m_old, y_old = old[c]
+            y = {k: y_old[k] + rho * (m[k] - m_g[k]) for k in self.names}
+            kept = self.set_client(c, Client(local=m, dual=y))  # as stored (float32 state: rounded)
+            assert kept.local is not None and kept.dual is not None
+            total = {k: total[k] + (kept.local[k] + kept.dual[k] / rho) - (m_old[k] + y_old[k] / rho)
+                     for k in self.names}
+        if recompute_due(server_round):
+            total = self.recomputed_total()
+        self.state = self.state.replace(mean=m_g, total=total)
+
+    def recomputed_total(self) -> Params:
+        """T = Σ_{k active} (mₖ + yₖ/ρ) from the client store; O(clients heard from), not O(K)."""
+        rho = self.config.rho
+        init = self.state.init or self.state.mean
+        total = self.zeros()
+        active, unseen = set(self.active), len(self.active)
+        for c in self.store.clients():
+            if c not in active:
+                continue
+            m, y = self._client(c)
+            total = {k: total[k] + m[k] + y[k] / rho for k in self.names}
+            unseen -= 1
+        return {k: total[k] + unseen * init[k] for k in self.names}

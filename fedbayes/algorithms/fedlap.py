@@ -9,6 +9,9 @@ and the server damps the sites (ρ = dual step):
 
     vₖ ← vₖ + ρ(mₖ − m_g)   for k ∈ S,        m_g ← Σ_{k=1..K} vₖ
 
+m_g is itself the sum, kept running: m_g ← m_g + Σ_{k∈S} (vₖ_new − vₖ_old), so a round costs O(participants ×
+parameters), not O(K × parameters); it is recomputed from the client store every ``RECOMPUTE_EVERY`` rounds.
+
 **ρ and K.**  m_g = Σₖ vₖ moves by ρ·Σₖ(mₖ − m_g) = Kρ times the clients' average displacement: Kρ is the server
 step (Kρ = 1 makes round 1 exactly FedAvg's average; Kρ ≪ 1 shrinks the global towards 0, Kρ > 2 overshoots).
 So ρ is given as ``rho-k`` = Kρ (default 1: the reference's ρ = 0.1 at K = 10), which transfers across K; an
@@ -26,7 +29,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from fedbayes.algorithms.base import Algorithm, ClientTask, ClientUpdate, KScaledRho
+from fedbayes.algorithms.base import Algorithm, ClientTask, ClientUpdate, KScaledRho, recompute_due
 from fedbayes.algorithms.space import Dim, LogUniform
 from fedbayes.algorithms.state import State
 from fedbayes.gaussian import DiagGaussian, Params
@@ -92,13 +95,24 @@ class FedLap(Algorithm[Global, Client]):
     def update(self, server_round: int, updates: list[ClientUpdate]) -> None:
         rho = self.rho
         m_g = self.global_mean()
+        total = dict(m_g)
         for u in updates:
             v = self._dual(u.client)
             m = self.mean_of(u)
-            self.set_client(u.client, Client(dual={k: v[k] + rho * (m[k] - m_g[k]) for k in self.names}))
-        total = self.zeros()
-        for c in self.active:  # an excluded client's stored dual (a run forgetting it) is not in the sum
-            dual = self.client(c).dual
-            if dual is not None:
-                total = {k: total[k] + dual[k] for k in self.names}
+            kept = self.set_client(u.client, Client(dual={k: v[k] + rho * (m[k] - m_g[k]) for k in self.names}))
+            assert kept.dual is not None  # as stored (float32 state: rounded)
+            total = {k: total[k] + kept.dual[k] - v[k] for k in self.names}
+        if recompute_due(server_round):
+            total = self.recomputed_total()
         self.state = self.state.replace(mean=total)
+
+    def recomputed_total(self) -> Params:
+        """Σ_{k active} vₖ from the client store (an excluded client's stored dual, a run forgetting it, is not in
+        the sum); O(clients heard from), not O(K)."""
+        total = self.zeros()
+        active = set(self.active)
+        for c in self.store.clients():
+            dual = self.client(c).dual
+            if c in active and dual is not None:
+                total = {k: total[k] + dual[k] for k in self.names}
+        return total

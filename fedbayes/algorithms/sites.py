@@ -98,17 +98,18 @@ class SiteRule(Algorithm[SiteState, SiteClient]):
             assert u.site is not None  # checked by aggregate
             old = self.site(u.client)
             new = old.scale(1 - rho) + u.site.to(dtype=torch.float64).scale(rho)
-            self.set_client(u.client, SiteClient(site=new))
-            total = total + (new - old)
+            stored = self.set_client(u.client, SiteClient(site=new)).site
+            assert stored is not None
+            total = total + (stored - old)
         if recompute_due(server_round):
             total = self.recomputed_sum()
         self.state = self.state.replace(posterior=self.prior0(self.config.prior_prec) + total, site_sum=total)
 
     def recomputed_sum(self) -> DiagGaussian:
         """Σ_{k∈active} λ̃ₖ from the stored sites (an excluded client's stored site is not in the sum)."""
-        total = self.flat_prior()
-        for c in self.active:
-            site = self.client(c).site
+        total, active = self.flat_prior(), set(self.active)
+        for c in self.store.clients():  # O(clients heard from), not O(K)
+            site = self.client(c).site if c in active else None
             if site is not None:
                 total = total + site
         return total

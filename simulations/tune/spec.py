@@ -25,7 +25,7 @@ OBJECTIVES: dict[str, tuple[str, str]] = {"nll": ("minimize", "nll"), "accuracy"
 """``--objective`` -> (direction, metric name)."""
 IDENTITY_KEYS = ("preset", "algorithm", "rounds", "objective", "predictor", "search-space", "trial-config")
 """What a study remembers (user attributes) and refuses to mix."""
-_IGNORED_IN_IDENTITY = ("device", "store")
+_IGNORED_IN_IDENTITY = ("device", "store", "store-cache-mb")
 """Run keys that do not change a trial's result (they may differ between machines sharing a study)."""
 
 
