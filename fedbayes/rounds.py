@@ -190,7 +190,7 @@ class Round:
         self.diagnostics: dict[str, Any] = {}
         self.up = 0
         self.down = 0
-        self._prior_prec: dict[int, dict[str, Tensor]] = {}
+        self._prior_prec: dict[int, Mapping[str, np.ndarray]] = {}
 
     def job(self, client: int, *, reachable: bool = True) -> ClientJob | None:
         """Configure client k and encode its message (counted in ``bytes_down`` whether or not it travels);
@@ -203,8 +203,8 @@ class Round:
         self.down += nbytes(records)
         if not reachable or injected_failure(self.exp, r, client) is not None:
             return None
-        if rule.signed_sites:  # the reply is checked against the prior it answers (prior + site > 0)
-            self._prior_prec[client] = task.prior.prec
+        if rule.signed_sites:  # the reply is checked against the prior it answers (prior + site > 0): the
+            self._prior_prec[client] = records["prior.prec"]  # precision as sent (wire dtype), kept until the reply
         return ClientJob(client, task, records, cfg)
 
     def receive(self, client: int, records: Mapping[str, Mapping[str, np.ndarray]], metrics: Mapping[str, Any], *,
@@ -217,7 +217,7 @@ class Round:
         n = expected_examples if expected_examples is not None else len(self.fed.parts[client])
         try:
             u = decode_reply(records, metrics, client=client, shapes=self.fed.shapes, need_site=rule.needs_site(),
-                             expected_examples=n, prior_prec=self._prior_prec.get(client))
+                             expected_examples=n, prior_prec=self._prior_prec.pop(client, None))
         except InvalidReply as e:
             self.fail(client, f"invalid reply: {e}")
             return None

@@ -12,6 +12,9 @@ Each configuration runs in its own process (so its peak RSS is its own) and repo
 * ``peak_rss_mb`` of the process.
 
 ``--full K`` adds one round of full participation at K clients (bayes-admm, memory measured the same way).
+``--pieces`` times each piece of the server's per-client work on its own, for the paper's MLP (P = 178,110):
+configure (the prior sent), decode of a site reply, the bayes-admm update of one client, and a disk-store write
+(fsynced) and verified read of its state, in float64 and float32; written to ``OUT/pieces.json``.
 Results: ``OUT/scale.json`` and a table ``OUT/scale.md``; each configuration is a file under ``OUT/runs`` and is
 skipped when present (resumable).
 """
@@ -81,6 +84,73 @@ def one(k: int, algorithm: str, rounds: int, per_round: int, store: str, dtype: 
     }
 
 
+def _median_s(fn: Any, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _pieces_of(tdt: Any, dtype: str, tmpl: dict[str, Any], shapes: dict[str, tuple[int, ...]], site: Any,
+               out: Path, repeat: int) -> dict[str, Any]:
+    import tempfile
+
+    from fedbayes.algorithms.base import ClientUpdate
+    from fedbayes.algorithms.bayes_admm import BayesADMM, BayesADMMConfig
+    from fedbayes.algorithms.store import ClientFiles, MemoryStore
+
+    res: dict[str, Any] = {}
+    rule = BayesADMM(tmpl, 1000, BayesADMMConfig.model_validate({}), store=MemoryStore(tdt))
+    rnd = iter(range(2, 10**6))
+    ups = [ClientUpdate(c, 10, site=site()) for c in range(repeat)]
+    rule.aggregate(1, ups)  # every client heard from once: the timed rounds update existing state
+    res[f"configure_s_{dtype}"] = _median_s(lambda: rule.configure(3, 2), repeat)
+    batch = ups[:10]
+    res[f"update_s_per_client_{dtype}"] = _median_s(lambda: rule.aggregate(next(rnd), batch), 5) / len(batch)
+    stored = {k: v.to(tdt) for k, v in rule.store.get_all(3).items()}
+    res[f"client_state_bytes_{dtype}"] = sum(v.numel() * v.element_size() for v in stored.values())
+    with tempfile.TemporaryDirectory(dir=out) as d:
+        files = ClientFiles(d, fingerprint="x" * 64, shapes=shapes)
+        clients = iter(range(10**6))
+        res[f"disk_write_s_{dtype}"] = _median_s(lambda: files.write(next(clients), stored), repeat)
+        res[f"disk_read_s_{dtype}"] = _median_s(lambda: files.read(3), repeat)
+    return res
+
+
+def pieces(out: Path, repeat: int = 20) -> dict[str, Any]:
+    """Per-client server costs (median seconds over ``repeat``), each piece alone; see the module docstring."""
+    import numpy as np
+    import torch
+
+    from fedbayes.gaussian import DiagGaussian
+    from fedbayes.models import build_model
+    from fedbayes.protocol import decode_reply
+
+    torch.set_num_threads(1)
+    model = build_model("mlp", 784, 10, seed=0, hidden=(200, 100), activation="relu")
+    tmpl = {k: v.detach() for k, v in model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in tmpl.items()}
+    n_params = sum(v.numel() for v in tmpl.values())
+    gen = torch.Generator().manual_seed(0)
+
+    def site() -> DiagGaussian:
+        return DiagGaussian({k: torch.randn(v.shape, generator=gen) for k, v in tmpl.items()},
+                            {k: torch.rand(v.shape, generator=gen) + 1 for k, v in tmpl.items()})
+
+    res: dict[str, Any] = {"parameters": n_params}
+    records = {"site.eta": {k: v.numpy() for k, v in site().eta.items()},
+               "site.prec": {k: v.numpy() for k, v in site().prec.items()}}
+    res["decode_s"] = _median_s(lambda: decode_reply(records, {"num-examples": 10}, client=0, shapes=shapes,
+                                                     need_site=True), repeat)
+    for dtype in ("float64", "float32"):
+        res.update(_pieces_of(getattr(torch, dtype), dtype, tmpl, shapes, site, out, repeat))
+    res["numpy"] = np.__version__
+    (out / "pieces.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
 def _table(results: list[dict[str, Any]]) -> str:
     lines = ["| rule | K | per round | server s/round (median) | round wall s | peak RSS MB | checkpoint MB/round "
              "(bound) | test acc |", "|---|---|---|---|---|---|---|---|"]
@@ -102,10 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default="disk", choices=["memory", "disk"])
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     p.add_argument("--full", type=int, default=0, help="also one round with every one of this many clients")
+    p.add_argument("--pieces", action="store_true", help="time each per-client piece alone (OUT/pieces.json)")
     p.add_argument("--out", default="runs/bench/scale")
     p.add_argument("--one", nargs=2, metavar=("K", "RULE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     out = Path(a.out)
+    if a.pieces:
+        out.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(pieces(out), indent=1))
+        return 0
     if a.one:
         k, rule = int(a.one[0]), a.one[1]
         per = a.per_round if a.rounds > 1 or a.full == 0 else k

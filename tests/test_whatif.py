@@ -131,6 +131,60 @@ def test_merge_equals_joint_federation(conjugate: dict[str, Any]) -> None:
     assert _rel_err(a + b, joint) > 1e-3  # the prior must be subtracted once
 
 
+def _exact_site(conj: dict[str, Any], c: int, overrides: dict[str, Any]) -> DiagGaussian:
+    """Client c's Laplace site in closed form: on this conjugate model (XᵀX diagonal, Σxᵢ = 0) the local
+    posterior is prior × likelihood^(1/(τρ)) exactly, so the site is the likelihood's natural parameters,
+    s̃ = diag(XᵀX)/(σ²τρ), η̃ = Xᵀy/(σ²τρ), whatever prior was sent (τ = 1 here, ρ = ``ess_scale``)."""
+    x, y = conj["data"][c]
+    scale = 1.0 / (NOISE_VAR * float(overrides.get("ess_scale", 1.0)))
+    feats = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)  # [weight | bias]
+    prec, eta = (feats**2).sum(0) * scale, feats.T @ y * scale
+    w, b = conj["template"]["1.weight"], conj["template"]["1.bias"]
+    return DiagGaussian({"1.weight": eta[:-1].reshape(w.shape), "1.bias": eta[-1:].reshape(b.shape)},
+                        {"1.weight": prec[:-1].reshape(w.shape), "1.bias": prec[-1:].reshape(b.shape)})
+
+
+def _federate_exact(conj: dict[str, Any], cls: type[Algorithm], cfg: AlgorithmConfig, ids: Sequence[int],
+                    rounds: int = 1, takes_part: Any = None) -> Algorithm:
+    """:func:`_federate` with closed-form sites (no solver error: what is left is the server's arithmetic)."""
+    rule = cls(conj["template"], len(ids), cfg)
+    for r in range(1, rounds + 1):
+        updates = [ClientUpdate(slot, len(conj["data"][c][0]),
+                                site=_exact_site(conj, c, rule.configure(slot, r).overrides))
+                   for slot, c in enumerate(ids) if takes_part is None or c in takes_part(r)]
+        rule.aggregate(r, updates)
+    return rule
+
+
+@pytest.mark.parametrize("cls", [PVI, FedLapCov])
+def test_step_back_is_exact_to_1e_10_for_site_rules_under_any_participation(conjugate: dict[str, Any],
+                                                                           cls: type[Algorithm]) -> None:
+    cfg = cls.Config(prior_prec=DELTA, rho=1.0 if cls is PVI else 0.4)  # type: ignore[call-arg]
+    patterns: list[Any] = [None, {1: {0, 1, 2}, 2: {3, 4}, 3: {1, 3}, 4: {2, 4}, 5: {0}}.__getitem__,
+                           lambda r: {r % 5, (2 * r + 1) % 5}]
+    for takes_part in patterns:
+        full = _federate_exact(conjugate, cls, cfg, range(5), rounds=5, takes_part=takes_part)
+        for removed in ([3], [0, 4]):
+            kept = [c for c in range(5) if c not in removed]
+            without = _glob(_federate_exact(conjugate, cls, cfg, kept, rounds=5, takes_part=takes_part))
+            removal = posterior_without(full, removed)
+            assert removal.step.full and _rel_err(removal.posterior, without) <= 1e-10, (takes_part, removed)
+            assert _rel_err(_glob(full), without) > 1e-2
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 0.1])
+@pytest.mark.parametrize("estimator", ["dual", "site"])
+def test_bayes_admm_step_back_is_exact_to_1e_10_at_any_damping(conjugate: dict[str, Any], gamma: float,
+                                                              estimator: str) -> None:
+    # the duals converge to the data terms at (1 − γ)^r: 300 rounds bring γ = 0.1 to 0.9^300 ≈ 2e-14
+    cfg = BayesADMM.Config(prior_prec=DELTA, rho=0.7, damping=gamma, safe_prior=False)
+    full = _federate_exact(conjugate, BayesADMM, cfg, range(5), rounds=300)
+    without = _glob(_federate_exact(conjugate, BayesADMM, cfg, [0, 1, 3, 4], rounds=300))
+    removal = posterior_without(full, [2], estimator=estimator)
+    assert removal.step.full and _rel_err(removal.posterior, without) <= 1e-10
+    assert _rel_err(_glob(full), without) > 1e-2
+
+
 def test_bayes_admm_dual_removal_exact_at_fixed_point(conjugate: dict[str, Any]) -> None:
     # γ = 1: the dual equals the client's likelihood after one round; α = 0.5 brings λ̄ to λ₀ + Σ λ̂ₖ at 2^-r.
     # 30 rounds of L-BFGS optima (each ~1e-10 relative) accumulate: relative 1e-7 here (5e-9 observed).

@@ -197,6 +197,7 @@ class Algorithm(ABC, Generic[G, C]):
         self.active = sorted(set(active)) if active is not None else list(range(num_clients))
         if not self.active or not all(0 <= c < num_clients for c in self.active):
             raise ValueError(f"active clients must be a non-empty subset of [0, {num_clients}), got {active}")
+        self._active_set = frozenset(self.active)  # membership in O(1) (a round checks each reply)
         self.names = list(template)
         self.shapes = {k: tuple(v.shape) for k, v in template.items()}
         self.K = num_clients
@@ -281,7 +282,7 @@ class Algorithm(ABC, Generic[G, C]):
     def check_update(self, u: ClientUpdate, need_site: bool) -> None:
         if not 0 <= u.client < self.K:
             raise ValueError(f"client id {u.client} out of range [0, {self.K})")
-        if u.client not in self.active:
+        if u.client not in self._active_set:
             raise ValueError(f"client {u.client} is not part of this federation (excluded)")
         if need_site and u.site is None:
             raise ValueError(f"{self.name}: client {u.client} sent no site")
