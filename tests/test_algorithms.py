@@ -282,8 +282,8 @@ def test_bayes_admm_duals_and_server_step(server_step: float | None) -> None:
     dual0 = 0 + gamma * rho * (lam0_ - bar0)
     dual1 = 0 + gamma * rho * (lam1_ - bar0)
     dual2 = torch.zeros(2, 3, dtype=F64)
-    # never-seen client 2 counts as λ₂ = λ₀ in the mean, with a zero dual
-    bar1 = (1 - alpha) * (lam0_ + lam1_ + LAM0) / 3 + alpha * (LAM0 + dual0 + dual1 + dual2)
+    # never-seen client 2 is left out of the mean (the clients heard from), with a zero dual in the sum
+    bar1 = (1 - alpha) * (lam0_ + lam1_) / 2 + alpha * (LAM0 + dual0 + dual1 + dual2)
     assert bool((bar1[1] > 0).all())  # (so the min-prec floor plays no role)
     close(as_nat(rule.global_posterior()), bar1)
     close(flat(rule.global_mean()), bar1[0] / bar1[1])
@@ -292,11 +292,11 @@ def test_bayes_admm_duals_and_server_step(server_step: float | None) -> None:
         close(as_nat(task.prior), bar1 - dual / rho)
         close(flat(task.start_mean), bar1[0] / bar1[1])  # type: ignore[arg-type]
         close(flat(task.start_prec), bar1[1])  # type: ignore[arg-type]
-    # round 2: only client 1 (client 2 is still never-seen: λ₂ = λ₀, not the moved global)
+    # round 2: only client 1 (client 2 is still never-seen: out of the mean; client 0 stale, at its last λ₀)
     rule.aggregate(2, [site_update(1, 30, TC)])
     lam1_ = (bar1 - dual1 / rho) + TC
     dual1 = dual1 + gamma * rho * (lam1_ - bar1)
-    bar2 = (1 - alpha) * (lam0_ + lam1_ + LAM0) / 3 + alpha * (LAM0 + dual0 + dual1 + dual2)
+    bar2 = (1 - alpha) * (lam0_ + lam1_) / 2 + alpha * (LAM0 + dual0 + dual1 + dual2)
     assert bool((bar2[1] > 0).all())
     close(as_nat(rule.global_posterior()), bar2)
     # round 3: only client 2

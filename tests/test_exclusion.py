@@ -54,8 +54,9 @@ def test_bayes_admm_alpha_and_averages_use_the_active_clients() -> None:
                        ClientUpdate(client=2, num_examples=30, site=gauss(SB))])
     post0, post2 = lam0 + SA, lam0 + SB  # λₖ = πₖ + site with πₖ = λ₀ in round 1
     dual0, dual2 = gamma * rho * (post0 - lam0), gamma * rho * (post2 - lam0)
-    # mean over the 3 active clients (client 3 never seen: λ₀); client 1's stored state is ignored
-    bar = (1 - alpha) * (post0 + post2 + lam0) / 3 + alpha * (lam0 + dual0 + dual2)
+    # mean over the active clients heard from (0 and 2; client 3 never seen is left out); client 1's stored
+    # state is ignored, in the mean and in the count
+    bar = (1 - alpha) * (post0 + post2) / 2 + alpha * (lam0 + dual0 + dual2)
     close(as_nat(rule.global_posterior()), bar)
     close(as_nat(rule.configure(2, 2).prior), bar - dual2 / rho)
     with pytest.raises(ValueError, match="client 1 is not part of this federation"):

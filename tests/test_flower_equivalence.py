@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedbayes.engine import run_experiment
-from fedbayes.results import read_metrics, read_posterior
+from fedbayes.results import load_checkpoint, read_metrics, read_posterior
 from simulations.flower_engine import run_flower_simulation
 
 BASE = {"dataset": "digits", "num-clients": 4, "rounds": 3, "hidden": "32", "epochs": 1, "seed": 3,
@@ -31,10 +31,15 @@ def _engine(flat: dict[str, object], out: Path) -> list[dict[str, object]]:
         torch.set_num_threads(threads)
 
 
+DISK = {"store": "disk", "client-state-dtype": "float32", "clients-per-round": 0.5}
+"""The thousands-of-clients path: client state in per-client files (float32), half the clients per round."""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedavg", "bayes-admm"])
-def test_engine_and_flower_simulation_agree(algorithm: str, tmp_path: Path) -> None:
-    flat = {**BASE, "algorithm": algorithm}
+@pytest.mark.parametrize("algorithm,extra", [("fedavg", {}), ("bayes-admm", {}), ("bayes-admm", DISK)],
+                         ids=["fedavg", "bayes-admm", "bayes-admm-disk-float32-partial"])
+def test_engine_and_flower_simulation_agree(algorithm: str, extra: dict[str, object], tmp_path: Path) -> None:
+    flat = {**BASE, "algorithm": algorithm, **extra}
     eng = _engine(flat, tmp_path / "engine")
     flw = run_flower_simulation(flat, tmp_path / "flower", num_supernodes=4, num_cpus=1.0, num_gpus=0.0,
                                 echo=False, timeout_s=420)
@@ -56,3 +61,16 @@ def test_engine_and_flower_simulation_agree(algorithm: str, tmp_path: Path) -> N
     assert diff <= 1e-5
     if algorithm == "bayes-admm":
         assert any(k.startswith("prec/") for k in pa)
+    if extra:  # both engines keep the same clients in files, and those files hold the same state
+        metas = [json.loads((tmp_path / e / "checkpoint" / "meta.json").read_text()) for e in ("engine", "flower")]
+        assert sorted(metas[0]["clients"]) == sorted(metas[1]["clients"]) != []
+        assert all(len(list((tmp_path / e / "checkpoint" / "clients").glob("c*.safetensors"))) == len(m["clients"])
+                   for e, m in zip(("engine", "flower"), metas, strict=True))
+        _, sa = load_checkpoint(tmp_path / "engine")
+        _, sb = load_checkpoint(tmp_path / "flower")
+        client_keys = sorted(k for k in sa if k.startswith("client/"))
+        assert client_keys == sorted(k for k in sb if k.startswith("client/")) and client_keys
+        assert all(sa[k].dtype == torch.float32 for k in client_keys)
+        for k in client_keys:
+            a, b = sa[k].double(), sb[k].double()
+            assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max()) + 1e-6, k

@@ -10,10 +10,19 @@ Gaussian factor; its "precision" S̄ − V̂ₖ/ρ may be negative, which IVON h
 h + δ = S̄/ess > 0).  The server rebuilds λₖ = πₖ + λ̃ₖ from the site and updates, for k ∈ S,
 
     λ̂ₖ ← λ̂ₖ + γρ(λₖ − λ̄)
-    λ̄  ← (1 − α)·(1/K)Σₖ λₖ + α(λ₀ + Σₖ λ̂ₖ),       α = 1/(1 + ρK) by default
+    λ̄  ← (1 − α)·(1/|H|)Σ_{k∈H} λₖ + α(λ₀ + Σₖ λ̂ₖ),       α = 1/(1 + ρK) by default
 
-over all K clients of the federation (absent ones keep their last λₖ and λ̂ₖ; never-seen ones count as
-λₖ = λ₀, λ̂ₖ = 0; excluded ones not at all).  Σₖ λₖ and Σₖ λ̂ₖ are running sums in the global state
+where H is the set of clients heard from so far (absent ones keep their last λₖ and λ̂ₖ; never-seen ones have
+λ̂ₖ = 0 and are left out of the mean; excluded ones do not count at all).  With full participation H is all K
+clients from round 1 on: the paper's equation.  **Why not count a never-seen client as λₖ = λ₀** (this rule's
+earlier form): under sparse participation that dilutes the global precision by the share of clients heard from
+(after round 1 with 100 of 1,000 clients, S̄ ≈ 0.1 × a participant's precision), and a fresh client, whose IVON
+starts at h₀ = (S̄ − s_π)/ess = 0 with δ = S̄/ess, then takes steps ~10× larger than in the 10-client setting the
+presets were tuned in: on Fashion-MNIST with 1,000 clients, 100 per round (relu MLP, README "Thousands of
+clients") the global reached 0.61 test accuracy in round 1 and collapsed to chance in rounds 2–3 (local training
+loss 19 and 178); with the mean over H the same run reads 0.61, 0.63, 0.65 and 0.70 at round 10.
+
+Σₖ λₖ and Σₖ λ̂ₖ are running sums in the global state
 (:class:`ADMMState`), updated by the participants' changes, so a round costs O(|S|·P) whatever K; they are
 recomputed from the client store every ``RECOMPUTE_EVERY`` rounds (bounding the float64 drift) and whenever
 they are unset (a fresh rule, an older checkpoint, ``fedbayes forget``).
@@ -193,9 +202,18 @@ class BayesADMM(Algorithm[ADMMState, Client]):
         if recompute_due(server_round):
             post_sum, dual_sum = self.recomputed_sums()
         a = self.alpha
-        new = post_sum.scale((1 - a) / len(self.active)) + (lam0 + dual_sum).scale(a)
+        unseen = len(self.active) - self.seen_count()
+        if unseen == 0:  # (full participation from round 1: the paper's setting, written as the paper's equation)
+            mean_post = post_sum.scale((1 - a) / len(self.active))
+        else:  # the mean over the clients heard from: post_sum holds λ₀ for each unseen one
+            mean_post = (post_sum - lam0.scale(unseen)).scale((1 - a) / (len(self.active) - unseen))
+        new = mean_post + (lam0 + dual_sum).scale(a)
         self.count_guard("min-prec", sum(int((v < self.config.min_prec).sum()) for v in new.prec.values()))
         self.state = self.state.replace(posterior=self.floor(new), post_sum=post_sum, dual_sum=dual_sum)
+
+    def seen_count(self) -> int:
+        """How many active clients the server has heard from (every stored bayes-admm client has a posterior)."""
+        return sum(1 for c in self.store.clients() if c in self._active_set)
 
     def recomputed_sums(self) -> tuple[DiagGaussian, DiagGaussian]:
         """(Σ_{k∈active} λₖ, Σ_{k∈active} λ̂ₖ) from the client store (λ₀ and 0 for a client never heard from)."""
