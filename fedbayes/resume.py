@@ -32,7 +32,6 @@ from typing import Any
 from torch import Tensor
 
 from fedbayes.algorithms import Algorithm
-from fedbayes.algorithms.base import split_clients
 from fedbayes.algorithms.store import DiskStore, StoreError
 from fedbayes.config import ConfigError, Experiment, resolve
 from fedbayes.results import CheckpointError, ResultsWriter, atomic_write_bytes, checkpoint_files, load_checkpoint
@@ -81,11 +80,10 @@ class Resume:
         CheckpointError
             A client file is damaged or belongs to another run or model (the message names file and client).
         """
-        rule.load_server_tensors(self.state)
         if self.clients is None:  # format 1: every client inside the state file; written out at the next checkpoint
-            for c, d in split_clients(self.state).items():
-                rule.store.put_all(c, d)
+            rule.load_state_tensors(self.state)
             return
+        rule.load_server_tensors(self.state)
         shapes = {k: tuple(s) for k, s in rule.shapes.items()}
         files = checkpoint_files(self.folder, self.exp.to_flat(), self.clients, shapes)
         store = rule.store

@@ -273,6 +273,11 @@ class Algorithm(ABC, Generic[G, C]):
         """Client ``client``'s state (every field ``None`` for a client never heard from)."""
         return cast(C, self.ClientState.from_tensors(self.store.get_all(client), self.names))
 
+    def heard_from(self) -> list[int]:
+        """The active clients with stored state, sorted: what a recomputation of a running sum reads (O(clients
+        heard from), not O(K); an excluded client's stored state, a run forgetting it, is left out)."""
+        return [c for c in self.store.clients() if c in self._active_set]
+
     def set_client(self, client: int, state: C) -> C:
         """Store client ``client``'s state; returns it as stored (rounded when the store keeps float32), which is
         what running sums must add so that a recomputation from the store agrees with them."""

@@ -213,16 +213,14 @@ class BayesADMM(Algorithm[ADMMState, Client]):
 
     def seen_count(self) -> int:
         """How many active clients the server has heard from (every stored bayes-admm client has a posterior)."""
-        return sum(1 for c in self.store.clients() if c in self._active_set)
+        return len(self.heard_from())
 
     def recomputed_sums(self) -> tuple[DiagGaussian, DiagGaussian]:
         """(Σ_{k∈active} λₖ, Σ_{k∈active} λ̂ₖ) from the client store (λ₀ and 0 for a client never heard from)."""
         lam0 = self.prior0(self.config.prior_prec)
         post_sum, dual_sum = self.flat_prior(), self.flat_prior()
-        active, unseen = set(self.active), len(self.active)
-        for c in self.store.clients():  # O(clients heard from), not O(K)
-            if c not in active:
-                continue
+        unseen = len(self.active)
+        for c in self.heard_from():
             st = self.client(c)
             if st.post is not None:
                 post_sum, unseen = post_sum + st.post, unseen - 1

@@ -117,10 +117,8 @@ class FedADMM(Algorithm[Global, Client]):
         rho = self.config.rho
         init = self.state.init or self.state.mean
         total = self.zeros()
-        active, unseen = set(self.active), len(self.active)
-        for c in self.store.clients():
-            if c not in active:
-                continue
+        unseen = len(self.active)
+        for c in self.heard_from():
             m, y = self._client(c)
             total = {k: total[k] + m[k] + y[k] / rho for k in self.names}
             unseen -= 1

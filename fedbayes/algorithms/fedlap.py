@@ -110,9 +110,8 @@ class FedLap(Algorithm[Global, Client]):
         """Σ_{k active} vₖ from the client store (an excluded client's stored dual, a run forgetting it, is not in
         the sum); O(clients heard from), not O(K)."""
         total = self.zeros()
-        active = set(self.active)
-        for c in self.store.clients():
+        for c in self.heard_from():
             dual = self.client(c).dual
-            if c in active and dual is not None:
+            if dual is not None:
                 total = {k: total[k] + dual[k] for k in self.names}
         return total

@@ -107,9 +107,9 @@ class SiteRule(Algorithm[SiteState, SiteClient]):
 
     def recomputed_sum(self) -> DiagGaussian:
         """Σ_{k∈active} λ̃ₖ from the stored sites (an excluded client's stored site is not in the sum)."""
-        total, active = self.flat_prior(), set(self.active)
-        for c in self.store.clients():  # O(clients heard from), not O(K)
-            site = self.client(c).site if c in active else None
+        total = self.flat_prior()
+        for c in self.heard_from():
+            site = self.client(c).site
             if site is not None:
                 total = total + site
         return total
