@@ -39,6 +39,8 @@ def _flat_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str | Non
                      ("seed", args.seed), ("device", args.device)):
         if val is not None:
             explicit[key] = val
+    if getattr(args, "engine", None) in ("sequential", "batched"):  # the in-process engine's client path
+        explicit["client-engine"] = args.engine
     explicit.update(parse_sets(args.set))
     if args.config and not args.preset:
         return {**flat, **explicit}, None
@@ -159,6 +161,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if "--out" not in options:
             options += ["--out", args.out if args.out != "runs/bench" else "runs/bench/scale"]
         return bench_scale(options)
+    if args.name == "engine":
+        from simulations.bench_engine import main as bench_engine
+
+        options = list(args.options)
+        if "--out" not in options:
+            options += ["--out", args.out if args.out != "runs/bench" else "runs/bench/engine"]
+        return bench_engine(options)
     if args.options:
         raise ValueError(f"benchmark '{args.name}' takes no options (got {args.options})")
     if args.name not in BENCHES:
@@ -193,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="a config.json of an earlier run (reproduces it; no default preset)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    r.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess")
+    r.add_argument("--engine", choices=["inprocess", "sequential", "batched", "flower"], default="inprocess",
+                   help="inprocess (clients batched on a GPU, sequential on a CPU: run key client-engine = auto), "
+                   "sequential or batched (in process, clients one after another or all at once), or flower "
+                   "(Flower's simulation runtime)")
     r.add_argument("--client-cpus", type=float, default=1.0, help="flower engine: CPUs per ClientApp")
     r.add_argument("--client-gpus", type=float, default=0.0, help="flower engine: GPU fraction per ClientApp")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")

@@ -103,6 +103,14 @@ class RunKeys(BaseModel):
     linearised average is badly underconfident when its damped sites have not converged (fmnist-10-het,
     validation: NLL 1.44 against the mean's 0.47), so its presets report the mean."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    client_engine: Literal["auto", "sequential", "batched"] = "auto"
+    """How the in-process engine trains a round's clients: one after another (``sequential``), or all at once as
+    one model with a leading client axis (``batched``, :mod:`fedbayes.batched`: the same answers to 1e-5 in
+    float32).  ``auto``: batched when the device is a GPU and the model and local mode can be batched, else
+    sequential (on a CPU, batching buys little: ``fedbayes bench engine``)."""
+    batch_clients: int = Field(0, ge=0)
+    """``client-engine = batched``: clients trained at once (0: as many as fit in half the free memory, at most
+    2 GiB of buffers on a CPU); a value that does not fit is refused before training starts."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     store: Literal["memory", "disk"] = "memory"
     """Where the server keeps per-client state (:mod:`fedbayes.algorithms.store`): ``memory``, or ``disk`` (one file

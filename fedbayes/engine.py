@@ -35,8 +35,8 @@ from fedbayes.resume import load_resume, prepare_folder
 from fedbayes.rounds import Round, record_round
 
 __all__ = [
-    "Federation", "client_parts", "load_partitioned", "make_store", "one_client", "resolve_device", "run_experiment",
-    "run_rounds",
+    "Federation", "batched_clients", "client_parts", "load_partitioned", "make_store", "one_client", "resolve_device",
+    "run_experiment", "run_rounds",
 ]
 
 log = logging.getLogger("fedbayes")
@@ -67,6 +67,8 @@ class Federation:
     """The validation set (``validation-fraction`` > 0; :mod:`fedbayes.data.validation`), else None."""
     x_val: Tensor | None = None
     y_val: Tensor | None = None
+    batched: bool = False
+    """Train each round's clients at once (:mod:`fedbayes.batched`, run key ``client-engine``)."""
 
     @staticmethod
     def build(exp: Experiment, out_dir: Path | None = None, data_dir: Path | None = None) -> Federation:
@@ -83,6 +85,7 @@ class Federation:
             (torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]).to(ydt)) for idx in parts
         ]
         fed = Federation(exp, data, parts, model, rule, device, client_data)
+        fed.batched = batched_clients(exp, model, device)
         fed.x_test = torch.from_numpy(data.x_test)
         fed.y_test = torch.from_numpy(data.y_test).to(ydt)
         if validation is not None:
@@ -111,6 +114,36 @@ class Federation:
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.model.named_parameters()}
+
+
+def batched_clients(exp: Experiment, model: nn.Module, device: str) -> bool:
+    """Whether rounds train their clients batched (run key ``client-engine``): ``batched`` → True, or a
+    ``ConfigError`` saying why the model or the local mode cannot be; ``auto`` → True on a GPU where it can be
+    (otherwise one log line and the sequential path); ``sequential`` → False."""
+    from fedbayes.batched import BATCHED_MODES, Unbatchable, check_batchable, chunk_size, client_bytes
+
+    choice = exp.run.client_engine
+    if choice == "sequential" or (choice == "auto" and device != "cuda"):
+        return False
+    mode = exp.local_setting("mode")
+    try:
+        if mode not in BATCHED_MODES:
+            raise Unbatchable(f"local mode '{mode}' is not batched (batched modes: {list(BATCHED_MODES)})")
+        check_batchable(model)
+        if exp.run.batch_clients > 0:  # a chunk that does not fit is refused before any training
+            num_params = sum(p.numel() for p in model.parameters())
+            width = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear)) or 1
+            per = client_bytes(num_params, int(exp.local_setting("batch_size")), width, str(mode))
+            try:
+                chunk_size(exp.run.batch_clients, exp.run.batch_clients, per, torch.device(device))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    except Unbatchable as e:
+        if choice == "batched":
+            raise ConfigError(f"client-engine = 'batched': {e}; use client-engine = 'sequential'") from None
+        log.info("client-engine auto: training clients one after another on %s (%s)", device, e)
+        return False
+    return True
 
 
 def load_partitioned(exp: Experiment, data_dir: Path | None = None
@@ -275,17 +308,7 @@ def run_rounds(
         bar = tqdm(total=stop, initial=start_round - 1, desc=exp.run.algorithm, unit="round", leave=False)
     for r in range(start_round, stop + 1):
         rnd = Round(fed, r)
-        for c in rnd.chosen:
-            job = rnd.job(c, reachable=not (fail is not None and fail(r, c)))
-            if job is None:
-                continue  # the reply never arrives (or arrives after the deadline): the client stays stale
-            x, y = fed.client_data[c]
-            try:
-                reply, metrics = execute(fed.model, job.records, job.config, x, y, device=fed.device)
-            except ArithmeticError as e:  # local training diverged (FloatingPointError): a failed client
-                rnd.fail(c, f"diverged: {e}")
-                continue
-            rnd.receive(c, reply, metrics)
+        (_train_batched if fed.batched else _train_sequential)(fed, rnd, fail)
         rnd.aggregate()
         row = rnd.row(lambda: time.perf_counter() - t_start, evaluate=evaluate)
         record_round(writer, fed.rule, row, rows, checkpoint=checkpoint)
@@ -299,3 +322,41 @@ def run_rounds(
     if bar is not None:
         bar.close()
     return rows
+
+
+def _train_sequential(fed: Federation, rnd: Round, fail: Callable[[int, int], bool] | None) -> None:
+    """The round's clients one after another, each through the client's whole job (encode → train → decode)."""
+    for c in rnd.chosen:
+        job = rnd.job(c, reachable=not (fail is not None and fail(rnd.server_round, c)))
+        if job is None:
+            continue  # the reply never arrives (or arrives after the deadline): the client stays stale
+        x, y = fed.client_data[c]
+        try:
+            reply, metrics = execute(fed.model, job.records, job.config, x, y, device=fed.device)
+        except ArithmeticError as e:  # local training diverged (FloatingPointError): a failed client
+            rnd.fail(c, f"diverged: {e}")
+            continue
+        rnd.receive(c, reply, metrics)
+
+
+def _train_batched(fed: Federation, rnd: Round, fail: Callable[[int, int], bool] | None) -> None:
+    """The round's clients at once (:func:`fedbayes.batched.execute_batched`): the same messages, codec and
+    validation as :func:`_train_sequential`; a diverged client fails alone."""
+    from fedbayes.batched import execute_batched
+
+    jobs = []
+    for c in rnd.chosen:
+        job = rnd.job(c, reachable=not (fail is not None and fail(rnd.server_round, c)))
+        if job is not None:
+            jobs.append(job)
+    if not jobs:
+        return
+    outs = execute_batched(fed.model, [(j.records, j.config, *fed.client_data[j.client]) for j in jobs],
+                           device=fed.device, batch_clients=fed.exp.run.batch_clients)
+    for job, out in zip(jobs, outs, strict=True):
+        if isinstance(out, ArithmeticError):
+            rnd.fail(job.client, f"diverged: {out}")
+        elif isinstance(out, Exception):
+            raise out
+        else:
+            rnd.receive(job.client, *out)

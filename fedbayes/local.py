@@ -39,7 +39,7 @@ from fedbayes.optim import SGD, Adam, FlatOptimizer
 
 __all__ = [
     "MODES", "RULE_KEYS", "USER_KEYS", "WIRE_KEYS", "LocalResult", "LocalSettings", "initial_curvature",
-    "train_local",
+    "laplace_site", "train_local",
 ]
 
 IVON_BETA2 = 0.9999
@@ -207,7 +207,8 @@ class _Fit:
     dtype: torch.dtype
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     batch_gen: torch.Generator
-    loss_sum: float = 0.0
+    loss_sum: Tensor | float = 0.0
+    """Summed minibatch losses, kept on the device (a float64 tensor): no host sync per step."""
     loss_count: int = 0
     steps: int = 0
 
@@ -275,7 +276,7 @@ def _fit_ivon(f: _Fit, start_prec: Mapping[str, Tensor] | None) -> tuple[DiagGau
                 opt.zero_grad(set_to_none=True)
                 loss = f.loss_fn(f.model(xb), yb)
                 loss.backward()
-            f.loss_sum += float(loss.detach())
+            f.loss_sum = f.loss_sum + loss.detach().double()
             f.loss_count += 1
         opt.step()
         if f.done():
@@ -296,7 +297,13 @@ def _fit_point(f: _Fit) -> None:
             "is unbounded below (an ADMM factor such as bayes-admm's needs mode=ivon)"
         )
 
-    def penalty() -> Tensor:
+    has_prior = any(bool(f.precs[k].any()) or bool(f.lins[k].any()) for k in named)
+
+    def penalty() -> Tensor | float:
+        """[½ Σ s_π(θ − c)² − r·θ]/ess; exactly 0 (and skipped: two passes over P and their backward) for a flat
+        prior (FedAvg)."""
+        if not has_prior:
+            return 0.0
         tot = torch.zeros((), device=f.device, dtype=f.dtype)
         for k, p in named.items():
             tot = tot + 0.5 * (f.precs[k] * (p - f.centers[k]) ** 2).sum() - (f.lins[k] * p).sum()
@@ -331,23 +338,25 @@ def _fit_point(f: _Fit) -> None:
         if s.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, s.grad_clip)
         opt_p.step()
-        f.loss_sum += float(data_loss.detach())
+        f.loss_sum = f.loss_sum + data_loss.detach().double()
         f.loss_count += 1
         if f.done():
             break
 
 
-def _laplace_site(f: _Fit) -> DiagGaussian:
-    """The Laplace site at θ: s̃ = H = ess·GGN(ℓ̄) = GGN(Σℓ)/(τρ), η̃ = H ⊙ θ + s_π ⊙ (θ − c) − r, in float64
-    (s_π(θ − c) keeps the digits of the prior)."""
-    ggn = diag_ggn(f.model, f.named, f.x, f.settings.loss, f.settings.noise_var)
+def laplace_site(model: nn.Module, named: Mapping[str, Tensor], prior: DiagGaussian, x: Tensor, ess: float,
+                 loss: str, noise_var: float) -> DiagGaussian:
+    """The Laplace site at the model's weights θ: s̃ = H = ess·GGN(ℓ̄) = GGN(Σℓ)/(τρ), η̃ = H ⊙ θ + s_π ⊙ (θ − c)
+    − r, in float64 (s_π(θ − c) keeps the digits of the prior); ``prior`` is the one the client trained under."""
+    ggn = diag_ggn(model, named, x, loss, noise_var)
+    n = int(x.shape[0])
     with torch.no_grad():
-        s_site = {k: ggn[k].double() * (f.ess / f.n) for k in f.named}
+        s_site = {k: ggn[k].double() * (ess / n) for k in named}
         e_site = {}
-        for k, p in f.named.items():
-            c64, r64 = split_natural(f.prior.eta[k], f.prior.prec[k])
+        for k, p in named.items():
+            c64, r64 = split_natural(prior.eta[k], prior.prec[k])
             th = p.detach().double()
-            s_pi = f.prior.prec[k].double().to(th.device)
+            s_pi = prior.prec[k].double().to(th.device)
             e_site[k] = s_site[k] * th + s_pi * (th - c64.to(th.device)) - r64.to(th.device)
     return DiagGaussian(e_site, s_site)
 
@@ -389,13 +398,13 @@ def train_local(
     else:
         _fit_point(f)
         if settings.laplace:
-            site = _laplace_site(f)
+            site = laplace_site(f.model, f.named, f.prior, f.x, f.ess, settings.loss, settings.noise_var)
     for k, p in f.named.items():
         if not bool(torch.isfinite(p).all()):
             raise FloatingPointError(f"local training diverged: parameter '{k}' is not finite (lower lr?)")
     mean = {k: p.detach().to("cpu").clone() for k, p in f.named.items()}
     metrics = {
-        "train_loss": f.loss_sum / max(f.loss_count, 1),
+        "train_loss": float(f.loss_sum) / max(f.loss_count, 1),
         "steps": float(f.steps),
         "train_seconds": time.perf_counter() - t0,
         **extra,

@@ -2,9 +2,7 @@
 
 * ``ivon``   — one IVON step vs one Adam step on the papers' MLP 784-200-100-10 (batch 64), interleaved in
   blocks so that machine noise hits both alike; reports the median ratio.
-* ``engine`` — 100 clients of a small model through the in-process engine: engine wall time against the
-  summed local-training time (the engine's overhead is everything else: encode/decode, aggregation,
-  evaluation excluded).
+* ``engine`` — :mod:`simulations.bench_engine` (the per-step breakdown, sequential vs batched clients).
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import torch
 from fedbayes.ivon import IVON
 from fedbayes.models import build_model
 
-__all__ = ["BENCHES", "bench_engine", "bench_ivon"]
+__all__ = ["BENCHES", "bench_ivon"]
 
 
 def _env() -> dict[str, Any]:
@@ -75,50 +73,6 @@ def bench_ivon(
     return res
 
 
-def _engine_case(cfg: dict[str, Any]) -> dict[str, Any]:
-    from fedbayes.config import resolve
-    from fedbayes.engine import Federation, run_rounds
-
-    exp = resolve(cfg)
-    t0 = time.perf_counter()
-    fed = Federation.build(exp)
-    setup = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    rows = run_rounds(fed, exp, [], None)
-    wall = time.perf_counter() - t1
-    train = sum(r["train_s"] for r in rows)
-    n = exp.run.num_clients * exp.run.rounds
-    return {
-        "config": cfg, "setup_s": setup, "rounds_wall_s": wall, "local_training_s": train,
-        "overhead_fraction": wall / train - 1.0, "training_ms_per_client_round": 1e3 * train / n,
-        "overhead_ms_per_client_round": 1e3 * (wall - train) / n,
-    }
-
-
-def bench_engine(out_dir: Path, clients: int = 100, rounds: int = 3) -> dict[str, Any]:
-    """Two workloads of 100 clients: tiny clients (digits, ~14 examples each: the overhead's worst case) and
-    Fashion-MNIST clients with 600 examples each (a realistic client), both with a small MLP (hidden 32)."""
-    base = {"algorithm": "bayes-admm", "model": "mlp", "hidden": "32", "num-clients": clients, "partition": "iid",
-            "rounds": rounds, "eval-every": rounds, "bma-samples": 0}
-    cases = {"digits-tiny-clients": {**base, "dataset": "digits", "epochs": 5, "batch-size": 8}}
-    try:
-        from fedbayes.data import load_dataset
-
-        load_dataset("fmnist")
-        cases["fmnist-600-per-client"] = {**base, "dataset": "fmnist", "epochs": 2, "batch-size": 64}
-    except FileNotFoundError:
-        pass
-    res = {
-        "bench": "engine", "clients": clients, "rounds": rounds,
-        "cases": {name: _engine_case(cfg) for name, cfg in cases.items()},
-        "note": "overhead = round-loop wall time (messages, validation, aggregation, one evaluation) over the summed "
-                "local-training time; setup (data, partition, model) reported apart; target overhead <= 10%",
-        **_env(),
-    }
-    _write(out_dir, "engine", res)
-    return res
-
-
 def _write(out_dir: Path, name: str, res: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"bench-{name}.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -130,4 +84,4 @@ def _bench_flower(out_dir: Path) -> dict[str, Any]:
     return bench_flower(out_dir)
 
 
-BENCHES = {"ivon": bench_ivon, "engine": bench_engine, "flower": _bench_flower}
+BENCHES = {"ivon": bench_ivon, "flower": _bench_flower}
