@@ -2,8 +2,8 @@
 
 Two parts, one process, one torch thread (``--threads``), results in ``OUT/bench-engine.json``:
 
-* **step** — the papers' MLP 784-200-100-10, batch 64, Fashion-MNIST clients of 640 examples and 10 epochs (as fmnist-100-het).  Measured in
-  interleaved blocks (machine noise hits every quantity alike), medians:
+* **step** — the papers' MLP 784-200-100-10, batch 64, Fashion-MNIST clients of 640 examples and 10 epochs
+  (as fmnist-100-het).  Measured in interleaved blocks (machine noise hits every quantity alike), medians:
 
   - ``fb``: forward + backward of one minibatch (sequential: the model; batched: the stacked network of 16
     clients, per client);

@@ -169,16 +169,23 @@ def _answers(folder: Path, refine_rounds: Sequence[int]) -> dict[str, Any]:
     plan = [(e, 0, "step-back") for e in names] + [(refined, r, "step-back") for r in refine_rounds if r > 0]
     plan += [(refined, r, "trained") for r in refine_rounds if r > 0]
     out["refined_estimator"] = refined
+    out["failed"] = {}
     for est, r, start in plan:
         rows = []
+        key = f"{est}/R{r}" if start == "step-back" else f"trained/R{r}"
         for c in run.active:
-            ans = whatif(run, [c], estimator=est, refine_rounds=r, evaluate="full", refine_from=start)
+            try:
+                ans = whatif(run, [c], estimator=est, refine_rounds=r, evaluate="full", refine_from=start)
+            except (RuntimeError, ArithmeticError) as e:  # a refinement whose every client diverged
+                out["failed"][key] = f"client {c}: {e}"
+                break
             rep = ans.report
             rows.append({"client": c, "num_examples": run.num_examples(c), "predicted": rep["whatif"],
                          "answer_s": rep["seconds"]["estimate"] + (rep["refine"].get("seconds", 0.0)),
                          "refine": rep["refine"], "step_back": {k: rep["step_back"][k] for k in
                                                                  ("damped", "zeroed", "beta_min", "beta_mean")}})
-        out["answers"][f"{est}/R{r}" if start == "step-back" else f"trained/R{r}"] = rows
+        if key not in out["failed"]:
+            out["answers"][key] = rows
     return out
 
 
@@ -215,6 +222,7 @@ def _summarise(folder: Path, answers: dict[str, Any], ceiling_seeds: Sequence[in
             "predicted": pred,
         }
     out["actual"] = actual
+    out["failed"] = dict(answers.get("failed", {}))
     if ceiling_seeds:
         deltas = {}
         for s in [base_seed, *ceiling_seeds]:
@@ -281,6 +289,8 @@ def _table(results: dict[str, Any]) -> str:
                 f"{b['spearman_hi90']:.2f}] | {b['mae']:.4f} ({b['mean_abs_actual']:.4f}) | {ceil_txt} | "
                 f"{br['answer_s_mean']:.2f} | {s['retrain_s_mean']:.0f} | {br['speedup']:.0f}× | "
                 f"{br['refine_bytes_mean'] / 1e6:.0f} |")
+        for r, why in s.get("failed", {}).items():
+            lines.append(f"| {case} | {rule} | {r} | failed: {why[:160]} | | | | {ceil_txt} | | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,12 +3,17 @@
 1. two rounds of bayes-admm with ``device = "cuda"`` through the in-process engine
    (:func:`fedbayes.engine.run_experiment`);
 2. the same experiment through Flower's simulation runtime with a GPU fraction per ClientApp
-   (``client-resources-num-gpus``, so several ClientApps share the GPU).
+   (``client-resources-num-gpus``, so several ClientApps share the GPU);
+3. sequential vs batched clients (:mod:`fedbayes.batched`) on the papers' workload, fmnist-100-het (100 clients,
+   10 epochs, batch 64): clients per second of each over ``--compare-rounds`` rounds, and the wall time and
+   test accuracy of the papers' whole run (``--paper-rounds``, 50) with batched clients (``--paper-rounds 0``
+   skips it).
 
 It prints the GPU, the wall time of each, and the test accuracy per round, and exits with status 2 and a clear
 message when torch sees no CUDA GPU (status 1 when a run fails).
 
     python -m simulations.gpu_check [--out runs/gpu-check] [--clients 4] [--rounds 2] [--gpu-fraction 0.25]
+                                    [--compare-rounds 2] [--paper-rounds 50]
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["gpu_check", "main"]
+__all__ = ["engines", "gpu_check", "main"]
 
 
 def _no_gpu_reason() -> str | None:
@@ -36,8 +41,45 @@ def _no_gpu_reason() -> str | None:
             "and CUDA_VISIBLE_DEVICES")
 
 
+def engines(out: Path, *, device: str = "cuda", compare_rounds: int = 2, paper_rounds: int = 50,
+            sets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sequential vs batched clients on fmnist-100-het (bayes-admm; ``sets`` overrides preset keys): clients per
+    second of each over ``compare_rounds`` rounds (no evaluation), then ``paper_rounds`` rounds with batched
+    clients and the preset's evaluation (wall time, final test accuracy)."""
+    from fedbayes.config import resolve
+    from fedbayes.engine import Federation, run_experiment, run_rounds
+    from simulations.presets import load_preset
+
+    def flat(engine: str, rounds: int) -> dict[str, Any]:
+        return load_preset("fmnist-100-het").config_for("bayes-admm", {
+            "rounds": rounds, "device": device, "client-engine": engine, **(sets or {})})
+
+    res: dict[str, Any] = {}
+    for engine in ("sequential", "batched"):
+        exp = resolve(flat(engine, compare_rounds))
+        fed = Federation.build(exp)
+        t0 = time.perf_counter()
+        rows = run_rounds(fed, exp, [], None, evaluate=False)
+        wall = time.perf_counter() - t0
+        trained = sum(len(r["participants"]) for r in rows)
+        res[engine] = {"wall_s": wall, "clients_per_s": trained / wall, "train_loss": rows[-1]["train_loss"]}
+        print(f"[gpu-check] fmnist-100-het, {engine} clients: {res[engine]['clients_per_s']:.1f} clients/s "
+              f"({wall:.1f} s for {compare_rounds} round(s))", flush=True)
+    res["batched_over_sequential"] = res["batched"]["clients_per_s"] / res["sequential"]["clients_per_s"]
+    if paper_rounds > 0:
+        t0 = time.perf_counter()
+        rows = run_experiment(flat("batched", paper_rounds), out / "paper-batched", progress=False)
+        wall = time.perf_counter() - t0
+        last = rows[-1]
+        res["paper_run"] = {"rounds": paper_rounds, "wall_s": wall, "test_accuracy": last.get("test_accuracy"),
+                            "bma_test_accuracy": last.get("bma_test_accuracy")}
+        print(f"[gpu-check] the papers' run (fmnist-100-het, bayes-admm, {paper_rounds} rounds, batched): "
+              f"{wall:.0f} s, test accuracy {last.get('test_accuracy')}", flush=True)
+    return res
+
+
 def gpu_check(out: Path, *, clients: int = 4, rounds: int = 2, gpu_fraction: float = 0.25,
-              dataset: str = "digits") -> dict[str, Any]:
+              dataset: str = "digits", compare_rounds: int = 2, paper_rounds: int = 50) -> dict[str, Any]:
     """Run the two checks and return a summary (also written to ``out/gpu-check.json``).
 
     Raises
@@ -81,6 +123,9 @@ def gpu_check(out: Path, *, clients: int = 4, rounds: int = 2, gpu_fraction: flo
         "max_accuracy_diff": max(abs(a["test_accuracy"] - b["test_accuracy"]) for a, b in zip(eng, flw, strict=True)),
     }
     (out / "gpu-check.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if compare_rounds > 0:
+        summary["engines"] = engines(out, compare_rounds=compare_rounds, paper_rounds=paper_rounds)
+        (out / "gpu-check.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -91,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--gpu-fraction", type=float, default=0.25)
     p.add_argument("--dataset", default="digits")
+    p.add_argument("--compare-rounds", type=int, default=2,
+                   help="rounds of fmnist-100-het per engine, sequential vs batched (0: skip)")
+    p.add_argument("--paper-rounds", type=int, default=50, help="the papers' run with batched clients (0: skip)")
     args = p.parse_args(argv)
     try:
         s = gpu_check(args.out, clients=args.clients, rounds=args.rounds, gpu_fraction=args.gpu_fraction,
-                      dataset=args.dataset)
+                      dataset=args.dataset, compare_rounds=args.compare_rounds, paper_rounds=args.paper_rounds)
     except RuntimeError as e:
         print(f"[gpu-check] FAILED: {e}", file=sys.stderr)
         return 2 if "needs a CUDA GPU" in str(e) else 1
