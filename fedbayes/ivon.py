@@ -131,8 +131,8 @@ class IVON(FlatOptimizer):
         self._count = 0
         self._draws = 0
         self._last_noise: dict[int, Tensor] = {}
-        self._saved: dict[int, Tensor] = {}
         self._noise_now: dict[int, Tensor] = {}
+        self._samples: dict[int, Tensor] = {}  # θ's buffer per group, reused by every sample
         for group in self.param_groups:
             flat = group["flat"]
             group["hess"] = torch.full_like(flat, hess_init)
@@ -266,6 +266,15 @@ class IVON(FlatOptimizer):
         self._last_noise[gi] = eps
         return eps
 
+    @staticmethod
+    def _point(group: dict[str, Any], buf: Tensor) -> None:
+        """Make the group's parameters views into ``buf`` (the mean ``flat`` or the sample buffer)."""
+        i = 0
+        for p in group["params"]:
+            n = p.numel()
+            p.data = buf[i : i + n].view_as(p)
+            i += n
+
     @contextmanager
     def sampled_params(self, train: bool = False) -> Iterator[None]:
         """Replace the weights by a posterior sample θ = m + σε inside the block.
@@ -278,8 +287,13 @@ class IVON(FlatOptimizer):
                 flat = group["flat"]
                 eps = self._noise(gi, flat)
                 self._noise_now[gi] = eps
-                self._saved[gi] = flat.clone()
-                flat.addcdiv_(eps, group["inv_sigma"])
+                # θ = m + ε/σ⁻¹ into a buffer of its own, and the parameters pointed at it for the block: the mean
+                # is never overwritten, so nothing is copied out and back (two passes over P per sample)
+                sample = self._samples.get(gi)
+                if sample is None or sample.shape != flat.shape or sample.dtype != flat.dtype:
+                    sample = self._samples[gi] = torch.empty_like(flat)
+                torch.addcdiv(flat, eps, group["inv_sigma"], out=sample)
+                self._point(group, sample)
         self._draws += 1
         try:
             yield
@@ -287,7 +301,7 @@ class IVON(FlatOptimizer):
             with torch.no_grad():
                 n = self._count
                 for gi, group in enumerate(self.param_groups):
-                    group["flat"].copy_(self._saved.pop(gi))
+                    self._point(group, group["flat"])
                     if not train:
                         continue
                     g = self.flat_grad(group)

@@ -212,12 +212,15 @@ class _Fit:
     loss_count: int = 0
     steps: int = 0
 
-    def batches(self) -> Iterator[Tensor]:
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The minibatches (x, y): one ``randperm`` per epoch, the epoch's data gathered once in that order and
+        cut into views (one gather per epoch instead of one per step)."""
         b = min(self.settings.batch_size, self.n)
         for _ in range(self.settings.epochs):
             perm = torch.randperm(self.n, generator=self.batch_gen).to(self.device)
+            xe, ye = self.x[perm], self.y[perm]
             for i in range(0, self.n, b):
-                yield perm[i : i + b]
+                yield xe[i : i + b], ye[i : i + b]
 
     def done(self) -> bool:
         """Count a step; True once ``max_steps`` is reached."""
@@ -269,8 +272,7 @@ def _fit_ivon(f: _Fit, start_prec: Mapping[str, Tensor] | None) -> tuple[DiagGau
     opt.set_prior([f.prior.eta[k] for k in named], [f.prior.prec[k] for k in named])
     opt.set_hess(initial_curvature({k: f.prior.prec[k] for k in named}, f.ess, s.hess_init, start_prec,
                                    device=f.device, dtype=f.dtype))
-    for idx in f.batches():
-        xb, yb = f.x[idx], f.y[idx]
+    for xb, yb in f.batches():
         for _ in range(s.mc_samples):
             with opt.sampled_params(train=True):
                 opt.zero_grad(set_to_none=True)
@@ -331,9 +333,9 @@ def _fit_point(f: _Fit) -> None:
         opt_p = Adam(params, lr=s.lr, betas=(s.beta1, float(s.beta2 or ADAM_BETA2)))
     else:
         opt_p = SGD(params, lr=s.lr, momentum=s.momentum)
-    for idx in f.batches():
+    for xb, yb in f.batches():
         opt_p.zero_grad(set_to_none=True)
-        data_loss = f.loss_fn(f.model(f.x[idx]), f.y[idx])
+        data_loss = f.loss_fn(f.model(xb), yb)
         (data_loss + penalty()).backward()
         if s.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, s.grad_clip)
