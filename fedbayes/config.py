@@ -109,8 +109,9 @@ class RunKeys(BaseModel):
     float32).  ``auto``: batched when the device is a GPU and the model and local mode can be batched, else
     sequential (on a CPU, batching buys little: ``fedbayes bench engine``)."""
     batch_clients: int = Field(0, ge=0)
-    """``client-engine = batched``: clients trained at once (0: as many as fit in half the free memory, at most
-    2 GiB of buffers on a CPU); a value that does not fit is refused before training starts."""
+    """``client-engine = batched``: clients trained at once (0: as many as fit in half the free memory on a GPU, in
+    48 MiB of buffers on a CPU, :data:`fedbayes.batched.CPU_CHUNK_BYTES`); a value that does not fit in memory is
+    refused before training starts."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     store: Literal["memory", "disk"] = "memory"
     """Where the server keeps per-client state (:mod:`fedbayes.algorithms.store`): ``memory``, or ``disk`` (one file
