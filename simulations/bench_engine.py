@@ -56,8 +56,11 @@ def _clients(c: int, n: int, mode: str) -> tuple[nn.Module, list[tuple[Any, ...]
     y = torch.from_numpy(data.y_train[: c * n]).long()
     model = build_model("mlp", 784, 10, seed=0, hidden=(200, 100))
     named = {k: v.detach().clone() for k, v in model.named_parameters()}
+    # IVON under a proper prior (bayes-admm's, pvi's); Adam under a flat one (FedAvg's), so that its "engine" share
+    # is the trainer's own and not a proximal term's forward and backward
+    prec = 0.1 if mode == "ivon" else 0.0
     prior = DiagGaussian.from_mean_prec({k: v.double() for k, v in named.items()},
-                                        {k: torch.full(v.shape, 0.1, dtype=torch.float64) for k, v in named.items()})
+                                        {k: torch.full(v.shape, prec, dtype=torch.float64) for k, v in named.items()})
     specs = []
     for i in range(c):
         s = LocalSettings.model_validate({"mode": mode, "epochs": 10, "batch_size": 64, "lr": 1e-3, "seed": i,

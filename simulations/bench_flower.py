@@ -3,9 +3,10 @@
 One workload (bayes-admm, digits, a small MLP, iid partition, a few rounds) through
 
 * the in-process engine (:func:`fedbayes.engine.run_experiment`, one torch thread, clients one after the
-  other) and Flower's simulation runtime (:func:`simulations.flower_engine.run_flower_simulation`, one CPU
-  and so one thread per ClientApp, as many ClientApps at once as there are cores) with 10 and 100 clients:
-  end-to-end wall-time ratio, Flower's start-up cost (SuperLink, Ray, actors, node query), and per round
+  other, then batched: ``client-engine = batched``) and Flower's simulation runtime
+  (:func:`simulations.flower_engine.run_flower_simulation`, one CPU and so one thread per ClientApp, as many
+  ClientApps at once as there are cores) with 10 and 100 clients: end-to-end wall-time ratios, Flower's start-up
+  cost (SuperLink, Ray, actors, node query), and per round
   (median over the rounds without cold start or evaluation, 2..R-1) Flower's time minus the engine's and
   Flower's time minus its clients' compute spread over its parallel ClientApps;
 * a local deployment (flower-superlink + 3 flower-supernode processes on 127.0.0.1, 2 rounds): per-round
@@ -53,6 +54,9 @@ def _compare(clients: int, work: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         eng = run_experiment(flat, work / f"engine-{clients}", progress=False)
         t_eng = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bat = run_experiment({**flat, "client-engine": "batched"}, work / f"batched-{clients}", progress=False)
+        t_bat = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -69,6 +73,10 @@ def _compare(clients: int, work: Path) -> dict[str, Any]:
         "engine_wall_s": t_eng,
         "flower_wall_s": t_flw,
         "wall_ratio": t_flw / t_eng,
+        "batched_engine_wall_s": t_bat,
+        "flower_over_batched": t_flw / t_bat,
+        "sequential_over_batched": t_eng / t_bat,
+        "batched_same_final_accuracy": abs(eng[-1]["test_accuracy"] - bat[-1]["test_accuracy"]) < 1e-3,
         "engine_round_s": r_eng,
         "flower_round_s": r_flw,
         "flower_startup_s": t_flw - float(flw[-1]["wall_s"]),
