@@ -427,6 +427,7 @@ def _ivon_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, pr
     inv_sigma = (hd * ess).sqrt_()
     inv_ess = 1.0 / ess
     has_lin = bool(lin.any())  # a linear prior term only where a prior precision is 0: usually none
+    neg_inv_ess, neg_lr = -inv_ess, -lr
     gens = [torch.Generator(device=device).manual_seed(c.settings.seed + 1) for c in chunk]
     P = M.shape[1]
     eps_buf = torch.empty_like(M)
@@ -461,17 +462,18 @@ def _ivon_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, pr
             mom[:c].lerp_(g_avg, 1.0 - b1)
             corr = (h - hh_avg).square_().div_(hd[:c])
             h.lerp_(hh_avg, 1.0 - b2).add_(corr, alpha=0.5 * (1.0 - b2) ** 2)
-            denom = h + delta[:c]
+            # h + δ and σ⁻¹ = √(ess(h + δ)) written straight into their buffers (no copy), the per-client
+            # learning rate and 1/ess folded into one addcmul each
+            denom = torch.add(h, delta[:c], out=hd[:c])
             num = (m - center[:c]).mul_(delta[:c])
             num.add_(mom[:c], alpha=1.0 / debias)
             if has_lin:
-                num.sub_(lin[:c] * inv_ess[:c])
+                num.addcmul_(lin[:c], neg_inv_ess[:c])
             upd = num.div_(denom)
             if math.isfinite(clip):
                 upd.clamp_(-clip, clip)
-            m.sub_(upd.mul_(lr[:c]))
-            hd[:c] = denom
-            inv_sigma[:c] = (denom * ess[:c]).sqrt_()
+            m.addcmul_(upd, neg_lr[:c])
+            torch.mul(denom, ess[:c], out=inv_sigma[:c]).sqrt_()
     for j, cl in enumerate(chunk):
         extra[j]["site_clamped"] = 0.0 if cl.settings.signed_site else float(int((hess[j] < 0).sum()))
 
@@ -528,7 +530,7 @@ def _point_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, p
                 exp_avg[:c].lerp_(g, 1.0 - b1)
                 exp_avg_sq[:c].mul_(b2).addcmul_(g, g, value=1.0 - b2)
                 denom = (exp_avg_sq[:c].sqrt() / math.sqrt(1.0 - b2**step)).add_(ADAM_EPS)
-                m.sub_(exp_avg[:c].div(denom).mul_(lr[:c] / (1.0 - b1**step)))
+                m.addcmul_(exp_avg[:c].div(denom), lr[:c], value=-1.0 / (1.0 - b1**step))
             else:
                 if buf is not None:
                     if step == 1:
@@ -536,7 +538,7 @@ def _point_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, p
                     else:
                         buf[:c].mul_(s0.momentum).add_(g)
                     g = buf[:c]
-                m.sub_(g * lr[:c])
+                m.addcmul_(g, lr[:c], value=-1.0)
 
 
 # ------------------------------------------------------------------------------------------------ the client's job
