@@ -215,15 +215,19 @@ def test_invalid_removal_in_memory_raises_or_steps_back_to_the_prior_precision(c
     removal = posterior_without(rule, [1])
     assert removal.validity.total_broken == 2 and removal.validity.fallback
     assert removal.step.damped == 2 and removal.step.by_param == {name: 2} and removal.step.zeroed == 0
-    # by hand: β = (s − δ)/ĝˢ on the two entries, 1 elsewhere; both natural parameters move by β
+    # by hand: β = (s − δ)/ĝˢ on the two entries, 1 elsewhere; the two damped entries keep the trained mean at
+    # precision δ, the others take the full step
     glob = _glob(rule).to(dtype=torch.float64)
     site = rule.contributions("site")[1]
     s, gs = glob.prec[name].reshape(-1), site.prec[name].reshape(-1)
     beta = torch.ones_like(s)
     beta[:2] = (s[:2] - DELTA) / gs[:2]
     assert bool((beta[:2] > 0).all() and (beta[:2] < 1).all())
-    want_eta = glob.eta[name].reshape(-1) - beta * site.eta[name].reshape(-1)
+    want_eta = glob.eta[name].reshape(-1) - site.eta[name].reshape(-1)
+    want_eta[:2] = glob.eta[name].reshape(-1)[:2] / s[:2] * DELTA
     assert torch.allclose(removal.posterior.eta[name].reshape(-1), want_eta, rtol=1e-12, atol=0)
+    assert torch.allclose(removal.posterior.mean()[name].reshape(-1)[:2], (glob.eta[name].reshape(-1) / s)[:2],
+                          rtol=1e-12, atol=0)
     assert torch.allclose(removal.posterior.prec[name].reshape(-1)[:2], torch.full((2,), DELTA, dtype=torch.float64),
                           rtol=1e-12, atol=0)
     assert torch.equal(removal.posterior.prec[name].reshape(-1)[2:], (s - gs)[2:])  # the full step elsewhere

@@ -8,10 +8,16 @@ prior, so the answer keeps every precision ≥ δ (the prior λ₀'s): per coord
 (ĝ = Σ_{k∈S} ĝₖ, ĝˢ its precision part): βᵢ = 1 wherever the full step keeps sᵢ ≥ δ (always, in exact
 arithmetic, for the site rules, whose sites are ≥ 0), βᵢ = (sᵢ − δ)/ĝˢᵢ where it would not (the step stops where
 the coordinate reaches the prior's precision), and βᵢ = 0 where the trained global is already below δ there (a
-bayes-admm global can be).  Both natural parameters of a coordinate move by the same βᵢ, so a damped coordinate
-is the trained one with a fraction βᵢ of the contribution removed.  How many coordinates were damped, and by
-how much, is reported with every answer (:class:`StepBack`); ``fallback=False`` refuses a removal that needs any
-damping instead (:class:`InvalidPosteriorError`).
+bayes-admm global can be).
+
+**A damped coordinate keeps the trained mean** (mᵢ = ηᵢ/sᵢ) at its bounded precision: η₋S,ᵢ = mᵢ·s₋S,ᵢ.  The
+contribution there claims more certainty than the global holds, so it cannot be trusted for the location either,
+and moving η by βᵢĝᵢ^η would divide what the other clients' linear terms leave by a precision near δ: on the
+class-per-client federation (docs/whatif.md) that sent 40 coordinates' means to 2·10⁴ (trained: < 0.4), made the
+answer predict a single class, and made refinement from it and a resumed ``forget`` run diverge.  Removing what
+the estimator cannot account for lowers certainty and never moves the estimate.  How many coordinates were
+damped, and by how much, is reported with every answer (:class:`StepBack`); ``fallback=False`` refuses a removal
+that needs any damping instead (:class:`InvalidPosteriorError`).
 """
 
 from __future__ import annotations
@@ -227,7 +233,8 @@ _ROUNDING = 1e-12
 
 def bounded_step_back(posterior: DiagGaussian, contribution: DiagGaussian, bound: float
                       ) -> tuple[DiagGaussian, StepBack]:
-    """λ − β⊙ĝ with βᵢ the largest in [0, 1] that keeps sᵢ − βᵢĝˢᵢ ≥ ``bound`` (float64; module docstring)."""
+    """λ − β⊙ĝ with βᵢ the largest in [0, 1] that keeps sᵢ − βᵢĝˢᵢ ≥ ``bound``, a damped coordinate (βᵢ < 1) at
+    the trained mean (float64; module docstring)."""
     check_same_layout(posterior.eta, contribution.eta, "bounded_step_back")
     lam, g = posterior.to(dtype=torch.float64), contribution.to(dtype=torch.float64)
     eta, prec, by_param = {}, {}, {}
@@ -239,8 +246,9 @@ def bounded_step_back(posterior: DiagGaussian, contribution: DiagGaussian, bound
         short = (full < bound * (1 - _ROUNDING)) | ~torch.isfinite(full)
         ratio = torch.where(gs > 0, (s - bound) / torch.where(gs > 0, gs, torch.ones_like(gs)), torch.ones_like(s))
         beta = torch.where(short, ratio.clamp(0.0, 1.0).nan_to_num(0.0), torch.ones_like(s))
-        eta[k] = lam.eta[k] - beta * g.eta[k]
         prec[k] = torch.where(short, torch.maximum(s - beta * gs, torch.minimum(s, torch.full_like(s, bound))), full)
+        mean = lam.eta[k] / torch.where(s != 0, s, torch.ones_like(s))
+        eta[k] = torch.where(short, mean * prec[k], lam.eta[k] - g.eta[k])
         n = int((beta < 1).sum())
         if n:
             by_param[k] = n
