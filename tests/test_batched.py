@@ -43,14 +43,6 @@ PER_ALGO: dict[str, dict[str, Any]] = {
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖∞ / ‖a‖∞ (0 for two zero tensors)."""
     scale = float(a.abs().max())
