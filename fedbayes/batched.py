@@ -6,7 +6,7 @@ learning rate, minibatch order and IVON noise); only the arithmetic is shared.  
 same shape, and one step is
 
     θ = M + ε / √(ess·(h + δ))                      (IVON; θ = M for Adam/SGD)
-    out_k = f(θ_k, x_k)                              (``torch.func.vmap`` of ``functional_call`` over k)
+    out_k = f(θ_k, x_k)                              (:func:`stacked_forward`: baddbmm over k, or vmap)
     g = ∂/∂θ Σ_k ℓ̄_k(θ_k)                            (one backward: client k's loss depends on θ_k only)
 
 followed by the element-wise update of :class:`fedbayes.ivon.IVON`, :class:`fedbayes.optim.Adam` or
@@ -55,7 +55,8 @@ from fedbayes.local import (
 )
 
 __all__ = [
-    "BATCHED_MODES", "Unbatchable", "check_batchable", "chunk_size", "client_bytes", "execute_batched", "train_batched",
+    "BATCHED_MODES", "CPU_CHUNK_BYTES", "Unbatchable", "check_batchable", "chunk_size", "client_bytes",
+    "execute_batched", "stacked_forward", "train_batched",
 ]
 
 BATCHED_MODES = ("ivon", "adam", "sgd")
