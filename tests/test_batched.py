@@ -224,3 +224,30 @@ def test_batched_engine_under_partial_participation_and_failures(tmp_path: Path)
         assert [r[key] for r in rows["sequential"]] == [r[key] for r in rows["batched"]]
     assert any(r["failed"] for r in rows["batched"])
     assert max(rel(out["sequential"][k], out["batched"][k]) for k in out["sequential"]) <= RTOL
+
+
+@pytest.mark.parametrize(("name", "kw"), [
+    ("mlp", {"hidden": (16, 8), "activation": "sigmoid"}), ("mlp", {"hidden": (16,), "activation": "relu"}),
+    ("mlp", {"hidden": (16,), "activation": "tanh"}), ("mlp", {"hidden": (16,), "activation": "gelu"}),
+    ("logreg", {}), ("linreg", {}),
+])
+def test_stacked_forward_is_each_clients_forward(name: str, kw: dict[str, Any]) -> None:
+    """The stacked-weight network (and, for a model it does not know, vmap) gives each client's own forward."""
+    models = [build_model(name, 12, 3, seed=s, **kw) for s in range(3)]
+    x = torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(0))
+    want = torch.stack([m(x[i]) for i, m in enumerate(models)])
+    stacked = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]) for k, _ in
+               models[0].named_parameters()}
+    got = batched.stacked_forward(models[0])(stacked, x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    class Wrapped(nn.Module):  # not an nn.Sequential: the vmap path
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.inner(z)
+
+    wrapped = {f"inner.{k}": v for k, v in stacked.items()}
+    assert torch.allclose(batched.stacked_forward(Wrapped(models[0]))(wrapped, x), want, rtol=1e-5, atol=1e-6)
