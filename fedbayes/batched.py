@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from fedbayes.gaussian import DiagGaussian
-from fedbayes.ivon import split_natural
+from fedbayes.ivon import site_eta, split_natural
 from fedbayes.local import (
     ADAM_BETA2,
     IVON_BETA2,
@@ -56,7 +56,7 @@ from fedbayes.local import (
 
 __all__ = [
     "BATCHED_MODES", "CPU_CHUNK_BYTES", "Unbatchable", "check_batchable", "chunk_size", "client_bytes",
-    "execute_batched", "stacked_forward", "train_batched",
+    "execute_batched", "model_client_bytes", "stacked_forward", "train_batched",
 ]
 
 BATCHED_MODES = ("ivon", "adam", "sgd")
@@ -93,8 +93,6 @@ def check_batchable(model: nn.Module) -> None:
         x = _probe_input(model, first)
         if x is not None:
             torch.func.vmap(lambda p, xb: torch.func.functional_call(model, p, (xb,)))(stacked, x.expand(2, *x.shape))
-    except Unbatchable:
-        raise
     except Exception as e:  # vmap's own errors are of many kinds
         raise Unbatchable(f"torch.func.vmap cannot vectorise the model's forward: {type(e).__name__}: {e}") from None
 
@@ -160,6 +158,13 @@ def client_bytes(num_params: int, batch_size: int, width: int, mode: str = "ivon
     layers' output widths)."""
     per_param = 16 if mode == "ivon" else 10
     return 4 * (per_param * num_params + 4 * batch_size * width)
+
+
+def model_client_bytes(model: nn.Module, batch_size: int, mode: str) -> int:
+    """:func:`client_bytes` for ``model`` (its parameter count and the summed widths of its Linear layers)."""
+    num_params = sum(p.numel() for p in model.parameters())
+    width = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear)) or 1
+    return client_bytes(num_params, batch_size, width, mode)
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -252,8 +257,6 @@ def train_batched(
     check_batchable(model)
     named0 = dict(model.named_parameters())
     shapes = {k: tuple(v.shape) for k, v in named0.items()}
-    num_params = sum(v.numel() for v in named0.values())
-    width = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear)) or 1
     items: list[_Client] = []
     for i, (prior, x, y, s, sm, sp) in enumerate(clients):
         if s.mode not in BATCHED_MODES:
@@ -274,7 +277,7 @@ def train_batched(
         group.sort(key=lambda c: -c.steps)  # the clients still training at step t are a prefix
         s = group[0].settings
         device = torch.device(s.device)
-        per = client_bytes(num_params, s.batch_size, width, s.mode)
+        per = model_client_bytes(model, s.batch_size, s.mode)
         size = chunk_size(batch_clients, len(group), per, device)  # raises before any training
         plans += [(group[i : i + size], device) for i in range(0, len(group), size)]
     for chunk, device in plans:
@@ -319,8 +322,7 @@ def _train_chunk(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], chunk:
     idx, wts = idx.to(device), wts.to(device)
     active = [sum(1 for c in chunk if c.steps > t) for t in range(T)]
     # means, priors (split as IVON splits them: center c, linear part r, precision s_π) and per-client scalars
-    init = {k: v.detach() for k, v in named.items()}
-    init_copy = {k: v.clone() for k, v in init.items()}
+    init = {k: v.detach().clone() for k, v in named.items()}  # restored at the end (a Laplace site loads weights)
     M = _stack([c.start_mean if c.start_mean is not None else init for c in chunk], names, device, dtype)
     centers, lins, precs = [], [], []
     for c in chunk:
@@ -406,7 +408,7 @@ def _train_chunk(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], chunk:
         results.append(LocalResult(mean=mean, site=site, num_examples=len(c.x), metrics=metrics))
     with torch.no_grad():  # the model's weights as they were (a Laplace site loads each client's into it)
         for k, p in named.items():
-            p.copy_(init_copy[k])
+            p.copy_(init[k])
     return results
 
 
@@ -494,7 +496,7 @@ def _ivon_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, pr
             cen, lin64 = split_natural(cl.prior.eta[k].reshape(-1), cl.prior.prec[k].reshape(-1))
             s_pi = cl.prior.prec[k].reshape(-1).double().to(device)
             ss, mm = s_site[i : i + n], m64[i : i + n]
-            out_e[k] = (ss * mm + s_pi * (mm - cen.to(device)) - lin64.to(device)).view(sh).cpu()
+            out_e[k] = site_eta(ss, mm, s_pi, cen.to(device), lin64.to(device)).view(sh).cpu()
             out_p[k] = ss.view(sh).cpu().clone()
             i += n
         return DiagGaussian(out_e, out_p)
@@ -553,7 +555,7 @@ def execute_batched(
     """:func:`fedbayes.protocol.execute` for many clients at once: decode each message ``(records, config, x, y)``,
     train them batched (:func:`train_batched`), encode each reply.  A client whose message or training fails
     gets its exception in its place (the caller records it as a failed client); the others are unaffected."""
-    from fedbayes.protocol import decode_task, encode_result
+    from fedbayes.protocol import decode_job, encode_result
 
     shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
     todo: list[int] = []
@@ -562,11 +564,7 @@ def execute_batched(
     out: list[Any] = [None] * len(jobs)
     for i, (records, config, x, y) in enumerate(jobs):
         try:
-            task = decode_task(records, shapes)
-            settings = LocalSettings.from_wire(config, device=device)
-            reply = str(config.get("reply", "mean"))
-            if reply not in ("mean", "site"):
-                raise ValueError(f"config 'reply' must be 'mean' or 'site', got {reply!r}")
+            task, settings, reply = decode_job(shapes, records, config, device)
         except ValueError as e:
             out[i] = e
             continue

@@ -120,7 +120,7 @@ def batched_clients(exp: Experiment, model: nn.Module, device: str) -> bool:
     """Whether rounds train their clients batched (run key ``client-engine``): ``batched`` → True, or a
     ``ConfigError`` saying why the model or the local mode cannot be; ``auto`` → True on a GPU where it can be
     (otherwise one log line and the sequential path); ``sequential`` → False."""
-    from fedbayes.batched import BATCHED_MODES, Unbatchable, check_batchable, chunk_size, client_bytes
+    from fedbayes.batched import BATCHED_MODES, Unbatchable, check_batchable, chunk_size, model_client_bytes
 
     choice = exp.run.client_engine
     if choice == "sequential" or (choice == "auto" and device != "cuda"):
@@ -131,9 +131,7 @@ def batched_clients(exp: Experiment, model: nn.Module, device: str) -> bool:
             raise Unbatchable(f"local mode '{mode}' is not batched (batched modes: {list(BATCHED_MODES)})")
         check_batchable(model)
         if exp.run.batch_clients > 0:  # a chunk that does not fit is refused before any training
-            num_params = sum(p.numel() for p in model.parameters())
-            width = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear)) or 1
-            per = client_bytes(num_params, int(exp.local_setting("batch_size")), width, str(mode))
+            per = model_client_bytes(model, int(exp.local_setting("batch_size")), str(mode))
             try:
                 chunk_size(exp.run.batch_clients, exp.run.batch_clients, per, torch.device(device))
             except ValueError as e:

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from fedbayes.optim import FlatOptimizer
 
-__all__ = ["IVON", "split_natural"]
+__all__ = ["IVON", "site_eta", "split_natural"]
 
 
 def split_natural(eta: Tensor, prec: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,6 +56,13 @@ def split_natural(eta: Tensor, prec: Tensor) -> tuple[Tensor, Tensor]:
     center = torch.where(nz, e / torch.where(nz, s, torch.ones_like(s)), torch.zeros_like(e))
     lin = torch.where(nz, torch.zeros_like(e), e)
     return center, lin
+
+
+def site_eta(s_site: Tensor, m: Tensor, s_pi: Tensor, center: Tensor, lin: Tensor) -> Tensor:
+    """The site's first natural parameter given its precision s̃ and the posterior mean m it implies under the prior
+    (s_π, c, r) of :func:`split_natural`: η̃ = s̃ ⊙ m + s_π ⊙ (m − c) − r (so that (η_π + η̃)/(s_π + s̃) = m), written
+    without the difference of two large numbers.  Shared by IVON, Laplace and batched sites; call it in float64."""
+    return s_site * m + s_pi * (m - center) - lin
 
 
 class IVON(FlatOptimizer):
@@ -249,7 +256,7 @@ class IVON(FlatOptimizer):
             if not signed:
                 s_site = torch.maximum(s_site.clamp_min(0.0), (min_post_prec - s_pi).clamp_min(0.0))
             m = group["flat"].double()
-            etas += self._split(group, s_site * m + s_pi * (m - center) - lin)
+            etas += self._split(group, site_eta(s_site, m, s_pi, center, lin))
             precs += self._split(group, s_site)
         return etas, precs
 

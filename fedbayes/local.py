@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from fedbayes.curvature import diag_ggn
 from fedbayes.gaussian import DiagGaussian, check_same_layout
-from fedbayes.ivon import IVON, split_natural
+from fedbayes.ivon import IVON, site_eta, split_natural
 from fedbayes.keys import kebab
 from fedbayes.optim import SGD, Adam, FlatOptimizer
 
@@ -359,7 +359,7 @@ def laplace_site(model: nn.Module, named: Mapping[str, Tensor], prior: DiagGauss
             c64, r64 = split_natural(prior.eta[k], prior.prec[k])
             th = p.detach().double()
             s_pi = prior.prec[k].double().to(th.device)
-            e_site[k] = s_site[k] * th + s_pi * (th - c64.to(th.device)) - r64.to(th.device)
+            e_site[k] = site_eta(s_site[k], th, s_pi, c64.to(th.device), r64.to(th.device))
     return DiagGaussian(e_site, s_site)
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "MAX_ABS",
     "InvalidReply",
     "Records",
+    "decode_job",
     "decode_reply",
     "decode_task",
     "encode_result",
@@ -202,6 +203,22 @@ def nbytes(records: Mapping[str, Mapping[str, np.ndarray]]) -> int:
     return int(sum(a.nbytes for rec in records.values() for a in rec.values()))
 
 
+def decode_job(
+    shapes: Mapping[str, tuple[int, ...]],
+    records: Mapping[str, Mapping[str, np.ndarray]],
+    config: Mapping[str, Any],
+    device: str | None = None,
+) -> tuple[ClientTask, LocalSettings, str]:
+    """A client's message as the trainer takes it: the task, the local settings and the reply kind (``"mean"``
+    or ``"site"``); ``ValueError`` naming what is wrong."""
+    task = decode_task(records, shapes)
+    settings = LocalSettings.from_wire(config, device=device)
+    reply = str(config.get("reply", "mean"))
+    if reply not in ("mean", "site"):
+        raise ValueError(f"config 'reply' must be 'mean' or 'site', got {reply!r}")
+    return task, settings, reply
+
+
 def execute(
     model: nn.Module,
     records: Mapping[str, Mapping[str, np.ndarray]],
@@ -211,12 +228,8 @@ def execute(
     device: str | None = None,
 ) -> tuple[Records, dict[str, float | int]]:
     """The client's whole job: decode the message, train under the prior, encode the reply."""
-    shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
-    task = decode_task(records, shapes)
-    settings = LocalSettings.from_wire(config, device=device)
-    reply = str(config.get("reply", "mean"))
-    if reply not in ("mean", "site"):
-        raise ValueError(f"config 'reply' must be 'mean' or 'site', got {reply!r}")
+    task, settings, reply = decode_job({k: tuple(v.shape) for k, v in model.named_parameters()}, records, config,
+                                       device)
     res = train_local(model, task.prior, x, y, settings, start_mean=task.start_mean, start_prec=task.start_prec)
     return encode_result(res, reply)
 
