@@ -53,6 +53,7 @@ from fedbayes.local import (
     initial_curvature,
     laplace_site,
 )
+from fedbayes.noise import ahead_enabled, run_ahead
 
 __all__ = [
     "BATCHED_MODES", "CPU_CHUNK_BYTES", "Unbatchable", "check_batchable", "chunk_size", "client_bytes",
@@ -433,25 +434,33 @@ def _ivon_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, pr
     neg_inv_ess, neg_lr = -inv_ess, -lr
     gens = [torch.Generator(device=device).manual_seed(c.settings.seed + 1) for c in chunk]
     P = M.shape[1]
-    eps_buf = torch.empty_like(M)
+
+    def draw(c: int) -> Callable[[], Tensor]:
+        def job() -> Tensor:  # client j's ε from its own generator, as IVON._draw makes it
+            eps = torch.empty(c, P, dtype=dtype, device=device)
+            for j in range(c):
+                torch.randn(P, generator=gens[j], dtype=dtype, device=device, out=eps[j])
+            return eps
+        return job
+
+    theta_buf, hh_buf, tmp = torch.empty_like(M), torch.empty_like(M), torch.empty_like(M)  # reused every step
+    # the draws of every step and sample in order (one per antithetic pair), made one ahead on the noise thread
+    fresh = [smp for smp in range(S) if not (anti and smp % 2 == 1)]
+    draws = run_ahead((draw(active[t]) for t in range(T) for _ in fresh), ahead_enabled(device))
     for t in range(T):
         c = active[t]
         m, h = M[:c], hess[:c]
         g_avg = hh_avg = None
         prev: Tensor | None = None
         for smp in range(S):
-            if anti and smp % 2 == 1 and prev is not None:
-                eps = prev.neg()
-            else:
-                eps = eps_buf[:c] if S == 1 else torch.empty(c, P, dtype=dtype, device=device)
-                for j in range(c):
-                    torch.randn(P, generator=gens[j], dtype=dtype, device=device, out=eps[j])
+            eps = prev.neg() if anti and smp % 2 == 1 and prev is not None else next(draws)
             prev = eps
-            losses, g = loss_and_grad(torch.addcdiv(m, eps, inv_sigma[:c]), t, c)
+            losses, g = loss_and_grad(torch.addcdiv(m, eps, inv_sigma[:c], out=theta_buf[:c]), t, c)
             if S > 1:
                 g = g.clone()  # the gradient buffer is reused by the next sample
             loss_sum[:c] += losses.double()
-            gx = g.mul(eps).mul_(inv_sigma[:c])
+            # ĥ's sample into the running mean's buffer (first sample) or scratch (later ones), as IVON does
+            gx = torch.mul(g, eps, out=(hh_buf if smp == 0 else tmp)[:c]).mul_(inv_sigma[:c])
             if smp == 0:
                 g_avg, hh_avg = g, gx
             else:
@@ -463,12 +472,12 @@ def _ivon_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, pr
             step = t + 1
             debias = 1.0 - b1**step
             mom[:c].lerp_(g_avg, 1.0 - b1)
-            corr = (h - hh_avg).square_().div_(hd[:c])
+            corr = torch.sub(h, hh_avg, out=tmp[:c]).square_().div_(hd[:c])
             h.lerp_(hh_avg, 1.0 - b2).add_(corr, alpha=0.5 * (1.0 - b2) ** 2)
             # h + δ and σ⁻¹ = √(ess(h + δ)) written straight into their buffers (no copy), the per-client
             # learning rate and 1/ess folded into one addcmul each
             denom = torch.add(h, delta[:c], out=hd[:c])
-            num = (m - center[:c]).mul_(delta[:c])
+            num = torch.sub(m, center[:c], out=tmp[:c]).mul_(delta[:c])
             num.add_(mom[:c], alpha=1.0 / debias)
             if has_lin:
                 num.addcmul_(lin[:c], neg_inv_ess[:c])

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedbayes.noise import ahead_enabled, run_ahead
 from fedbayes.optim import FlatOptimizer
 
 __all__ = ["IVON", "site_eta", "split_natural"]
@@ -137,8 +138,9 @@ class IVON(FlatOptimizer):
         self.generator = generator
         self._count = 0
         self._draws = 0
-        self._last_noise: dict[int, Tensor] = {}
-        self._noise_now: dict[int, Tensor] = {}
+        self._last_noise: list[Tensor] | None = None
+        self._noise_now: list[Tensor] = []
+        self._ahead: Iterator[list[Tensor]] | None = None
         self._samples: dict[int, Tensor] = {}  # θ's buffer per group, reused by every sample
         for group in self.param_groups:
             flat = group["flat"]
@@ -266,11 +268,37 @@ class IVON(FlatOptimizer):
             self._refresh(group)
 
     # ------------------------------------------------------------------ sampling
-    def _noise(self, gi: int, flat: Tensor) -> Tensor:
-        if self.antithetic and self._draws % 2 == 1 and gi in self._last_noise:
-            return -self._last_noise[gi]
-        eps = torch.randn(flat.numel(), generator=self.generator, dtype=flat.dtype, device=flat.device)
-        self._last_noise[gi] = eps
+    def _draw(self) -> list[Tensor]:
+        """One sample's noise: a ``randn`` of each group's size, group by group, from the generator."""
+        return [torch.randn(g["flat"].numel(), generator=self.generator, dtype=g["flat"].dtype,
+                            device=g["flat"].device) for g in self.param_groups]
+
+    def draws_per_step(self) -> int:
+        """Noise draws one step makes: one per sample, or one per antithetic pair."""
+        return (self.mc_samples + 1) // 2 if self.antithetic else self.mc_samples
+
+    def plan_draws(self, draws: int) -> None:
+        """Announce that the next ``draws`` noise draws will be asked for (``steps * draws_per_step()``): they are
+        then made one ahead on a worker thread (:mod:`fedbayes.noise`), bit-identical to drawing inline, never
+        beyond ``draws``.  Only with a generator of the optimiser's own (the global one is shared) and noise on a
+        CPU; a call replaces an earlier plan, and once the plan is used up draws are made inline again."""
+        flat = self.param_groups[0]["flat"]
+        if self.generator is None or draws <= 0 or not ahead_enabled(flat.device):
+            self._ahead = None
+            return
+        self._ahead = run_ahead(self._draw for _ in range(draws))
+
+    def _noise(self) -> list[Tensor]:
+        if self.antithetic and self._draws % 2 == 1 and self._last_noise is not None:
+            return [-e for e in self._last_noise]
+        eps = None
+        if self._ahead is not None:
+            eps = next(self._ahead, None)
+            if eps is None:
+                self._ahead = None
+        if eps is None:
+            eps = self._draw()
+        self._last_noise = eps
         return eps
 
     @staticmethod
@@ -290,16 +318,15 @@ class IVON(FlatOptimizer):
         (a parameter without a gradient contributes zero).
         """
         with torch.no_grad():
+            self._noise_now = self._noise()
             for gi, group in enumerate(self.param_groups):
                 flat = group["flat"]
-                eps = self._noise(gi, flat)
-                self._noise_now[gi] = eps
                 # θ = m + ε/σ⁻¹ into a buffer of its own, and the parameters pointed at it for the block: the mean
                 # is never overwritten, so nothing is copied out and back (two passes over P per sample)
                 sample = self._samples.get(gi)
                 if sample is None or sample.shape != flat.shape or sample.dtype != flat.dtype:
                     sample = self._samples[gi] = torch.empty_like(flat)
-                torch.addcdiv(flat, eps, group["inv_sigma"], out=sample)
+                torch.addcdiv(flat, self._noise_now[gi], group["inv_sigma"], out=sample)
                 self._point(group, sample)
         self._draws += 1
         try:
@@ -311,10 +338,13 @@ class IVON(FlatOptimizer):
                     self._point(group, group["flat"])
                     if not train:
                         continue
-                    g = self.flat_grad(group)
+                    # the first sample writes straight into the running means' buffers, later ones into scratch
+                    first = n == 0
+                    g = self.flat_grad(group, out=self._scratch(group, "avg_grad" if first else "grad"))
                     # ĥ sample: g ⊙ (θ − m)/σ² = g ⊙ ε/σ
-                    gx = g.mul(self._noise_now[gi]).mul_(group["inv_sigma"])
-                    if n == 0:
+                    gx = torch.mul(g, self._noise_now[gi], out=self._scratch(group, "avg_hhat" if first else "hhat"))
+                    gx.mul_(group["inv_sigma"])
+                    if first:
                         group["avg_grad"], group["avg_hhat"] = g, gx
                     else:  # Welford running means over the samples of this step
                         group["avg_grad"].add_(g.sub_(group["avg_grad"]), alpha=1.0 / (n + 1))
@@ -346,11 +376,15 @@ class IVON(FlatOptimizer):
             hhat = group.pop("avg_hhat")
             mom = group["momentum"].lerp_(group.pop("avg_grad"), 1.0 - b1)
             # h ← β2 h + (1−β2) ĥ + ½(1−β2)² (h − ĥ)²/(h + δ)
-            corr = (h - hhat).square_().div_(group["hd"])
+            tmp = self._scratch(group, "tmp")
+            corr = torch.sub(h, hhat, out=tmp).square_().div_(group["hd"])
             h.lerp_(hhat, 1.0 - b2).add_(corr, alpha=0.5 * (1.0 - b2) ** 2)
-            denom = h + delta
+            denom = torch.add(h, delta, out=group["hd"])  # h + δ, in place: the correction term has used it
             # m ← m − α (g/(1−β1ᵗ) + δ(m − c) − r/ess)/(h + δ)
-            num = (m - group["prior_center"]).mul_(delta) if group["has_center"] else torch.mul(m, delta)
+            if group["has_center"]:
+                num = torch.sub(m, group["prior_center"], out=tmp).mul_(delta)
+            else:
+                num = torch.mul(m, delta, out=tmp)
             num.add_(mom, alpha=1.0 / debias)
             if group["has_lin"]:
                 num.sub_(group["prior_lin"], alpha=1.0 / ess)
@@ -358,8 +392,7 @@ class IVON(FlatOptimizer):
             if math.isfinite(group["clip_radius"]):
                 upd.clamp_(-group["clip_radius"], group["clip_radius"])
             m.sub_(upd, alpha=lr)
-            group["hd"] = denom
-            group["inv_sigma"] = (denom * ess).sqrt_()
+            torch.mul(denom, ess, out=group["inv_sigma"]).sqrt_()
         self._count = 0
         self._draws = 0
         return loss

@@ -222,6 +222,12 @@ class _Fit:
             for i in range(0, self.n, b):
                 yield xe[i : i + b], ye[i : i + b]
 
+    def planned_steps(self) -> int:
+        """The number of steps :meth:`batches` and :meth:`done` allow: epochs × ⌈n/b⌉, capped by max-steps."""
+        b = min(self.settings.batch_size, self.n)
+        steps = self.settings.epochs * -(-self.n // b)
+        return min(steps, self.settings.max_steps) if self.settings.max_steps else steps
+
     def done(self) -> bool:
         """Count a step; True once ``max_steps`` is reached."""
         self.steps += 1
@@ -272,6 +278,7 @@ def _fit_ivon(f: _Fit, start_prec: Mapping[str, Tensor] | None) -> tuple[DiagGau
     opt.set_prior([f.prior.eta[k] for k in named], [f.prior.prec[k] for k in named])
     opt.set_hess(initial_curvature({k: f.prior.prec[k] for k in named}, f.ess, s.hess_init, start_prec,
                                    device=f.device, dtype=f.dtype))
+    opt.plan_draws(f.planned_steps() * opt.draws_per_step())  # noise drawn one step ahead (fedbayes.noise)
     for xb, yb in f.batches():
         for _ in range(s.mc_samples):
             with opt.sampled_params(train=True):

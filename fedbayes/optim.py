@@ -32,6 +32,7 @@ class FlatOptimizer:
             raise ValueError("optimizer got an empty parameter list")
         groups = items if isinstance(items[0], dict) else [{"params": items}]
         self.defaults = dict(defaults)
+        self._scratch_bufs: dict[tuple[int, str], Tensor] = {}
         self.param_groups: list[dict[str, Any]] = []
         for g in groups:
             group = {**self.defaults, **g, "params": list(g["params"])}
@@ -48,9 +49,21 @@ class FlatOptimizer:
             self.param_groups.append(group)
 
     @staticmethod
-    def flat_grad(group: dict[str, Any]) -> Tensor:
-        """The group's gradient as one vector (a parameter without a gradient counts as zero)."""
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group["params"]])
+    def flat_grad(group: dict[str, Any], out: Tensor | None = None) -> Tensor:
+        """The group's gradient as one vector (a parameter without a gradient counts as zero), into ``out`` if
+        given."""
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group["params"]]
+        return torch.cat(parts) if out is None else torch.cat(parts, out=out)
+
+    def _scratch(self, group: dict[str, Any], name: str) -> Tensor:
+        """A scratch vector of the group's size kept between steps (outside ``state_dict``): writing into memory
+        the last step used is cheaper than a fresh allocation on a CPU."""
+        bufs = self._scratch_bufs
+        flat = group["flat"]
+        buf = bufs.get((id(group), name))
+        if buf is None or buf.shape != flat.shape or buf.dtype != flat.dtype or buf.device != flat.device:
+            buf = bufs[(id(group), name)] = torch.empty_like(flat)
+        return buf
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -98,10 +111,11 @@ class Adam(FlatOptimizer):
         for g in self.param_groups:
             g["step"] += 1
             t, (b1, b2) = g["step"], g["betas"]
-            grad = self.flat_grad(g)
+            grad = self.flat_grad(g, out=self._scratch(g, "grad"))
             g["exp_avg"].lerp_(grad, 1.0 - b1)
             g["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-            denom = (g["exp_avg_sq"].sqrt() / math.sqrt(1.0 - b2**t)).add_(g["eps"])
+            denom = torch.sqrt(g["exp_avg_sq"], out=self._scratch(g, "denom"))
+            denom.div_(math.sqrt(1.0 - b2**t)).add_(g["eps"])
             g["flat"].addcdiv_(g["exp_avg"], denom, value=-g["lr"] / (1.0 - b1**t))
 
 

@@ -13,7 +13,10 @@ Two parts, one process, one torch thread (``--threads``), results in ``OUT/bench
     :func:`fedbayes.batched.train_batched`: batching, prior set-up, the site, bookkeeping) minus the three
     above; reported as a fraction of the local compute (fb + noise + optimiser).
 
-  And ``ivon_over_adam``: a whole IVON step (sample + fb + update) over a whole Adam step.
+  And ``ivon_over_adam``: a whole IVON step (sample + fb + update) over a whole Adam step, with the noise drawn
+  inline, and ``ivon_over_adam_ahead`` with the next step's noise drawn on the worker thread
+  (:mod:`fedbayes.noise`, the trainers' default on a CPU); ``*_in_trainer[_inline]`` the same inside the trainer.
+  Both optimisers are timed in the same interleaved blocks and each ratio is the median of per-block ratios.
 * **run** — ``--rounds`` rounds of ``fmnist-100-het`` (full Fashion-MNIST, 100 clients, 10 epochs, batch 64) per
   rule in ``--algorithms``, sequential and batched engine one after the other in the same process; the ratio
   sequential wall / batched wall (> 1: batched is faster).  ``--skip-run`` leaves it out (~3 min per rule).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -69,11 +73,12 @@ def _clients(c: int, n: int, mode: str) -> tuple[nn.Module, list[tuple[Any, ...]
     return model, specs
 
 
-def _mode_breakdown(mode: str, c: int, n: int, blocks: int) -> dict[str, Any]:
-    """:func:`step_breakdown` for one optimiser (``ivon`` or ``adam``)."""
+def _timed(mode: str, c: int, n: int) -> dict[str, tuple[Callable[[], None], int, int]]:
+    """The timed pieces for one optimiser (``ivon`` or ``adam``): name -> (function, repetitions, steps per call)."""
     from fedbayes.batched import stacked_forward, train_batched
     from fedbayes.ivon import IVON
     from fedbayes.local import train_local
+    from fedbayes.models import build_model
     from fedbayes.optim import Adam
 
     model, specs = _clients(c, n, mode)
@@ -86,22 +91,27 @@ def _mode_breakdown(mode: str, c: int, n: int, blocks: int) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
 
-    if mode == "ivon":
-        opt: Any = IVON(list(model.parameters()), lr=0.1, ess=6000.0, hess_init=0.1, weight_decay=1e-4,
-                        generator=torch.Generator().manual_seed(1))
+    def whole_step(ahead: bool) -> Callable[[], None]:
+        net = build_model("mlp", 784, 10, seed=0, hidden=(200, 100))
+        if mode == "adam":
+            adam = Adam(list(net.parameters()), lr=1e-3)
 
-        def whole() -> None:
-            with opt.sampled_params(train=True):
-                opt.zero_grad(set_to_none=True)
-                loss_fn(model(x), y).backward()
-            opt.step()
-    else:
-        opt = Adam(list(model.parameters()), lr=1e-3)
+            def adam_step() -> None:
+                adam.zero_grad(set_to_none=True)
+                loss_fn(net(x), y).backward()
+                adam.step()
+            return adam_step
+        o = IVON(list(net.parameters()), lr=0.1, ess=6000.0, hess_init=0.1, weight_decay=1e-4,
+                 generator=torch.Generator().manual_seed(1))
+        if ahead:
+            o.plan_draws(10**9)  # the next step's noise drawn on the worker thread (fedbayes.noise)
 
-        def whole() -> None:
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opt.step()
+        def ivon_step() -> None:
+            with o.sampled_params(train=True):
+                o.zero_grad(set_to_none=True)
+                loss_fn(net(x), y).backward()
+            o.step()
+        return ivon_step
 
     stacked = {k: v.detach().unsqueeze(0).repeat(c, *[1] * v.dim()).clone() for k, v in model.named_parameters()}
     fwd = stacked_forward(model)
@@ -116,29 +126,39 @@ def _mode_breakdown(mode: str, c: int, n: int, blocks: int) -> dict[str, Any]:
     def noise() -> None:
         torch.randn(P, generator=gen)
 
-    seq_steps = sum(int(s[3].epochs) * -(-len(s[1]) // 64) for s in specs[:4])
-
     def seq_train() -> None:
         for p, xx, yy, s, sm, sp in specs[:4]:
             train_local(model, p, xx, yy, s, start_mean=sm, start_prec=sp)
 
-    bat_steps = sum(int(s[3].epochs) * -(-len(s[1]) // 64) for s in specs)
-
     def bat_train() -> None:
         train_batched(model, specs)
 
-    for f in (fb, whole, fb_batched, noise):  # warm-up
-        f()
-    acc: dict[str, list[float]] = {k: [] for k in ("fb", "whole", "fb_batched", "noise", "seq", "bat")}
-    for _ in range(blocks):
-        acc["fb"].append(_median_ms(fb, 20))
-        acc["whole"].append(_median_ms(whole, 20))
-        acc["fb_batched"].append(_median_ms(fb_batched, 5) / c)
-        acc["noise"].append(_median_ms(noise, 20))
-        acc["seq"].append(_median_ms(seq_train, 1) / seq_steps)
-        acc["bat"].append(_median_ms(bat_train, 1) / bat_steps)
-    med = {k: statistics.median(v) for k, v in acc.items()}
-    noise_ms = med["noise"] if mode == "ivon" else 0.0
+    def inline(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:  # the trainer with the noise drawn inline (FEDBAYES_DRAW_AHEAD=0)
+            old = os.environ.get("FEDBAYES_DRAW_AHEAD")
+            os.environ["FEDBAYES_DRAW_AHEAD"] = "0"
+            try:
+                fn()
+            finally:
+                if old is None:
+                    del os.environ["FEDBAYES_DRAW_AHEAD"]
+                else:
+                    os.environ["FEDBAYES_DRAW_AHEAD"] = old
+        return run
+
+    seq_steps = sum(int(s[3].epochs) * -(-len(s[1]) // 64) for s in specs[:4])
+    bat_steps = sum(int(s[3].epochs) * -(-len(s[1]) // 64) for s in specs)
+    out = {"fb": (fb, 20, 1), "whole": (whole_step(False), 20, 1), "fb_batched": (fb_batched, 5, c),
+           "seq": (seq_train, 1, seq_steps), "bat": (bat_train, 1, bat_steps)}
+    if mode == "ivon":
+        out.update({"whole_ahead": (whole_step(True), 20, 1), "noise": (noise, 20, 1),
+                    "seq_inline": (inline(seq_train), 1, seq_steps), "bat_inline": (inline(bat_train), 1, bat_steps)})
+    return out
+
+
+def _summary(med: dict[str, float], c: int, params: int) -> dict[str, Any]:
+    """One optimiser's breakdown from the medians of its timed pieces (ms per client-step)."""
+    noise_ms = med.get("noise", 0.0)
     opt_ms = med["whole"] - med["fb"] - noise_ms
     local_seq = med["fb"] + noise_ms + opt_ms
     res: dict[str, Any] = {
@@ -151,17 +171,45 @@ def _mode_breakdown(mode: str, c: int, n: int, blocks: int) -> dict[str, Any]:
                     "over_sequential_local_compute": med["bat"] / local_seq - 1.0,
                     "note": "the batched optimiser runs inside the trainer on (clients, P) buffers, so its "
                             "optimiser and engine shares are reported together"},
-        "whole_step_ms": med["whole"], "params": P,
+        "whole_step_ms": med["whole"], "params": params,
     }
+    if "whole_ahead" in med:
+        res["whole_step_ahead_ms"] = med["whole_ahead"]
+        res["sequential"]["step_in_trainer_inline_ms"] = med["seq_inline"]
+        res["batched"]["step_in_trainer_inline_ms"] = med["bat_inline"]
     return res
 
 
-def step_breakdown(c: int = 16, n: int = 640, blocks: int = 5) -> dict[str, Any]:
-    """The per-step breakdown (ms per client-step) for the sequential and batched trainers, IVON and Adam."""
-    out: dict[str, Any] = {mode: _mode_breakdown(mode, c, n, blocks) for mode in ("ivon", "adam")}
-    out["ivon_over_adam"] = out["ivon"]["whole_step_ms"] / out["adam"]["whole_step_ms"]
-    out["ivon_over_adam_in_trainer"] = (out["ivon"]["sequential"]["step_in_trainer_ms"]
-                                       / out["adam"]["sequential"]["step_in_trainer_ms"])
+def step_breakdown(c: int = 16, n: int = 640, blocks: int = 7) -> dict[str, Any]:
+    """The per-step breakdown (ms per client-step) for the sequential and batched trainers, IVON and Adam.
+
+    Every piece of both optimisers is timed in each of ``blocks`` interleaved blocks (machine noise hits all
+    alike); a piece's time is the median over blocks, and each IVON/Adam ratio is the median of the per-block
+    ratios (robust to the machine's speed drifting between blocks)."""
+    pieces = {mode: _timed(mode, c, n) for mode in ("ivon", "adam")}
+    for mode in pieces:  # warm-up
+        for name in ("fb", "whole", "whole_ahead", "fb_batched", "noise"):
+            if name in pieces[mode]:
+                pieces[mode][name][0]()
+    acc: dict[str, dict[str, list[float]]] = {mode: {k: [] for k in p} for mode, p in pieces.items()}
+    for _ in range(blocks):
+        for mode, p in pieces.items():
+            for name, (fn, reps, per) in p.items():
+                acc[mode][name].append(_median_ms(fn, reps) / per)
+    from fedbayes.models import build_model
+
+    params = sum(p.numel() for p in build_model("mlp", 784, 10, seed=0, hidden=(200, 100)).parameters())
+    out: dict[str, Any] = {mode: _summary({k: statistics.median(v) for k, v in a.items()}, c, params)
+                           for mode, a in acc.items()}
+
+    def ratio(num: str, den: str) -> float:
+        return statistics.median(a / b for a, b in zip(acc["ivon"][num], acc["adam"][den], strict=True))
+
+    out["ivon_over_adam"] = ratio("whole", "whole")
+    out["ivon_over_adam_ahead"] = ratio("whole_ahead", "whole")
+    out["ivon_over_adam_in_trainer"] = ratio("seq", "seq")
+    out["ivon_over_adam_in_trainer_inline"] = ratio("seq_inline", "seq")
+    out["blocks"] = blocks
     return out
 
 
