@@ -16,9 +16,13 @@ Philox float32 normals are 3x slower than ``torch.randn``; ``torch.rand`` alone 
 antithetic pairs (one draw for two samples) exist as the ``antithetic`` setting but change the estimator, so they
 are not a free speed-up of the default single sample.
 
-When: on by default where it can pay, i.e. for noise drawn on a CPU (a CUDA draw is an asynchronous kernel
-anyway).  ``FEDBAYES_DRAW_AHEAD=0`` turns it off (e.g. when every core already runs a job of its own, where it
-buys nothing; it never changes a number).
+When: by default (``FEDBAYES_DRAW_AHEAD`` unset or ``auto``) for noise drawn on a CPU when a core is spare, i.e.
+torch runs fewer intra-op threads than the process may use cores (a CUDA draw is an asynchronous kernel anyway).
+Measured (``fedbayes bench engine``, 2 cores): with 1 torch thread it cuts an IVON step in the trainer by 0.4-0.9
+ms; with 2 torch threads the draw competes with the matrix products and the step got slower (5.1 vs 4.4 ms), hence
+the spare-core rule.  Commands that start several one-thread processes (``compare --jobs``, ``tune --jobs``,
+``bench whatif --jobs``) call :func:`share_cores`, which switches it off when those processes fill the cores.
+``FEDBAYES_DRAW_AHEAD=1`` / ``0`` force it on / off; it never changes a number.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["ahead_enabled", "run_ahead"]
+__all__ = ["ahead_enabled", "run_ahead", "share_cores"]
 
 T = TypeVar("T")
 
@@ -57,9 +61,29 @@ def _forget_worker() -> None:
 os.register_at_fork(after_in_child=_forget_worker)
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def ahead_enabled(device: torch.device | str) -> bool:
-    """Draw ahead for noise on ``device``: CPU only, unless ``FEDBAYES_DRAW_AHEAD=0``."""
-    return torch.device(device).type == "cpu" and os.environ.get("FEDBAYES_DRAW_AHEAD", "1") != "0"
+    """Draw ahead for noise on ``device``: ``FEDBAYES_DRAW_AHEAD`` = 1 / 0 forces it; otherwise (``auto``) on for a
+    CPU when torch's intra-op threads leave a core spare."""
+    flag = os.environ.get("FEDBAYES_DRAW_AHEAD", "auto").strip().lower()
+    if flag in ("0", "1"):
+        return flag == "1" and torch.device(device).type == "cpu"
+    if flag != "auto":
+        raise ValueError(f"FEDBAYES_DRAW_AHEAD={flag!r}: expected 0, 1 or auto")
+    return torch.device(device).type == "cpu" and torch.get_num_threads() < _cores()
+
+
+def share_cores(processes: int, threads: int = 1) -> None:
+    """Before starting ``processes`` workers of ``threads`` torch threads each: unless the user set
+    ``FEDBAYES_DRAW_AHEAD``, set it to 0 when they fill the cores (no core is spare for the noise thread)."""
+    if processes * threads >= _cores():
+        os.environ.setdefault("FEDBAYES_DRAW_AHEAD", "0")
 
 
 def run_ahead(jobs: Iterable[Callable[[], T]], enabled: bool = True) -> Iterator[T]:

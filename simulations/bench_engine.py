@@ -19,7 +19,8 @@ Two parts, one process, one torch thread (``--threads``), results in ``OUT/bench
   Both optimisers are timed in the same interleaved blocks and each ratio is the median of per-block ratios.
 * **run** — ``--rounds`` rounds of ``fmnist-100-het`` (full Fashion-MNIST, 100 clients, 10 epochs, batch 64) per
   rule in ``--algorithms``, sequential and batched engine one after the other in the same process; the ratio
-  sequential wall / batched wall (> 1: batched is faster).  ``--skip-run`` leaves it out (~3 min per rule).
+  sequential wall / batched wall (> 1: batched is faster); for IVON rules also the sequential run with the noise
+  drawn inline (``inline_over_ahead``: what drawing ahead buys over a round).  ``--skip-run`` leaves it out.
 """
 
 from __future__ import annotations
@@ -222,15 +223,30 @@ def run_ratio(algorithms: list[str], rounds: int, clients: int) -> dict[str, Any
     res: dict[str, Any] = {}
     for alg in algorithms:
         row: dict[str, Any] = {}
-        for eng in ("sequential", "batched"):
+        mode = load_preset("fmnist-100-het").config_for(alg, {}).get("mode")
+        # IVON rules also run sequentially with the noise drawn inline: what drawing ahead buys over a whole round
+        variants = ["sequential", "batched"] + (["sequential_inline"] if mode == "ivon" else [])
+        for var in variants:
+            eng = var.removesuffix("_inline")
             flat = load_preset("fmnist-100-het").config_for(alg, {"rounds": rounds, "num-clients": clients,
                                                                  "client-engine": eng, "bma-samples": 0})
             exp = resolve(flat)
             fed = Federation.build(exp)
-            t0 = time.perf_counter()
-            rows = run_rounds(fed, exp, [], None, evaluate=False)
-            row[eng] = {"wall_s": time.perf_counter() - t0, "train_loss": rows[-1]["train_loss"]}
+            old = os.environ.get("FEDBAYES_DRAW_AHEAD")
+            if var.endswith("_inline"):
+                os.environ["FEDBAYES_DRAW_AHEAD"] = "0"
+            try:
+                t0 = time.perf_counter()
+                rows = run_rounds(fed, exp, [], None, evaluate=False)
+                row[var] = {"wall_s": time.perf_counter() - t0, "train_loss": rows[-1]["train_loss"]}
+            finally:
+                if old is None:
+                    os.environ.pop("FEDBAYES_DRAW_AHEAD", None)
+                else:
+                    os.environ["FEDBAYES_DRAW_AHEAD"] = old
         row["sequential_over_batched"] = row["sequential"]["wall_s"] / row["batched"]["wall_s"]
+        if "sequential_inline" in row:
+            row["inline_over_ahead"] = row["sequential_inline"]["wall_s"] / row["sequential"]["wall_s"]
         res[alg] = row
     return res
 

@@ -141,6 +141,9 @@ def _pool_run(jobs: list[Job], workers: int) -> None:
         for j in jobs:
             print(f"[bench whatif] {_task(j)}", flush=True)
         return
+    from fedbayes.noise import share_cores
+
+    share_cores(workers)  # one-thread workers filling the cores: no noise thread (fedbayes.noise)
     with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
         for msg in pool.imap_unordered(_task, jobs):
             print(f"[bench whatif] {msg}", flush=True)

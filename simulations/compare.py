@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fedbayes.config import resolve
+from fedbayes.noise import share_cores
 from fedbayes.results import read_metrics
 from simulations.presets import Preset, centralized_config, centralized_ivon_config
 
@@ -97,6 +98,7 @@ def run_grid(
             todo.append((cfg, str(out), progress and jobs == 1))
     if jobs > 1 and len(todo) > 1:
         os.environ.setdefault("FEDBAYES_THREADS", "1")
+        share_cores(jobs, int(os.environ["FEDBAYES_THREADS"]))  # no spare core: no noise thread (fedbayes.noise)
         ctx = mp.get_context("spawn")
         with ctx.Pool(jobs) as pool:
             for done in pool.imap_unordered(_run_one, todo):

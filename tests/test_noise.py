@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 import torch
 
 from fedbayes.ivon import IVON
-from fedbayes.noise import ahead_enabled, run_ahead
+from fedbayes.noise import ahead_enabled, run_ahead, share_cores
 
 
 def test_run_ahead_yields_in_order_on_the_worker_and_never_beyond_the_last_job() -> None:
@@ -44,10 +45,35 @@ def test_run_ahead_raises_a_jobs_error_at_its_turn() -> None:
         next(it)
 
 
-def test_ahead_only_for_cpu_noise_and_switched_off_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ahead_enabled("cpu") and not ahead_enabled("cuda")
-    monkeypatch.setenv("FEDBAYES_DRAW_AHEAD", "0")
-    assert not ahead_enabled("cpu")
+def test_ahead_on_a_cpu_with_a_spare_core_or_as_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedbayes.noise as noise
+
+    monkeypatch.delenv("FEDBAYES_DRAW_AHEAD", raising=False)
+    monkeypatch.setattr(noise, "_cores", lambda: 2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert ahead_enabled("cpu") and not ahead_enabled("cuda")
+        torch.set_num_threads(2)  # torch's threads use every core: no spare one for the noise thread
+        assert not ahead_enabled("cpu")
+        monkeypatch.setenv("FEDBAYES_DRAW_AHEAD", "1")
+        assert ahead_enabled("cpu") and not ahead_enabled("cuda")
+        monkeypatch.setenv("FEDBAYES_DRAW_AHEAD", "0")
+        torch.set_num_threads(1)
+        assert not ahead_enabled("cpu")
+        monkeypatch.setenv("FEDBAYES_DRAW_AHEAD", "yes")
+        with pytest.raises(ValueError, match="FEDBAYES_DRAW_AHEAD='yes'"):
+            ahead_enabled("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.delenv("FEDBAYES_DRAW_AHEAD")
+    share_cores(1)  # one one-thread worker leaves a core spare: nothing set
+    assert "FEDBAYES_DRAW_AHEAD" not in os.environ
+    share_cores(2)  # two fill both cores
+    assert os.environ["FEDBAYES_DRAW_AHEAD"] == "0"
+    monkeypatch.setenv("FEDBAYES_DRAW_AHEAD", "1")
+    share_cores(4)  # the user's choice stands
+    assert os.environ["FEDBAYES_DRAW_AHEAD"] == "1"
 
 
 def _train(plan: int | None, antithetic: bool, samples: int, steps: int = 7) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -62,6 +88,7 @@ def _train(plan: int | None, antithetic: bool, samples: int, steps: int = 7) -> 
                mc_samples=samples, antithetic=antithetic, generator=gen)
     if plan is not None:
         opt.plan_draws(plan if plan >= 0 else steps * opt.draws_per_step())
+        assert opt._ahead is not None  # the plan is taken (FEDBAYES_DRAW_AHEAD=1)
     for _ in range(steps):
         for _ in range(samples):
             with opt.sampled_params(train=True):
@@ -73,7 +100,8 @@ def _train(plan: int | None, antithetic: bool, samples: int, steps: int = 7) -> 
 
 @pytest.mark.parametrize("antithetic,samples", [(False, 1), (False, 3), (True, 3), (True, 2)])
 def test_ivon_drawing_ahead_is_bit_identical_and_leaves_the_generator_where_inline_does(
-        antithetic: bool, samples: int) -> None:
+        antithetic: bool, samples: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDBAYES_DRAW_AHEAD", "1")
     ref, ref_state = _train(None, antithetic, samples)
     for plan in (-1, 3):  # the exact plan; a plan shorter than the run (the rest is drawn inline)
         got, state = _train(plan, antithetic, samples)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedbayes.config import ConfigError, resolve
+from fedbayes.noise import share_cores
 
 if TYPE_CHECKING:
     import optuna
@@ -296,6 +297,7 @@ def tune(spec: TuneSpec) -> dict[str, Any]:
             if len(work) == 1:
                 _worker(work[0])
             else:
+                share_cores(len(work))  # one-thread workers filling the cores: no noise thread (fedbayes.noise)
                 ctx = mp.get_context("spawn")
                 procs = [ctx.Process(target=_worker, args=(w,)) for w in work]
                 for pr in procs:
