@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from fedbayes.gaussian import DiagGaussian
 from fedbayes.ivon import IVON
 from fedbayes.noise import ahead_enabled, run_ahead, share_cores
 
@@ -111,11 +112,20 @@ def test_ivon_drawing_ahead_is_bit_identical_and_leaves_the_generator_where_inli
                 antithetic=True).draws_per_step() == 2
 
 
+def _small_model_and_prior() -> tuple[torch.nn.Module, DiagGaussian]:
+    """A 6-8-3 MLP and a zero-mean prior of precision 0.5 on its weights."""
+    from fedbayes.models import build_model
+
+    model = build_model("mlp", 6, 3, seed=0, hidden=(8,))
+    named = {k: v.detach() for k, v in model.named_parameters()}
+    prior = DiagGaussian.from_mean_prec({k: torch.zeros_like(v) for k, v in named.items()},
+                                        {k: torch.full_like(v, 0.5) for k, v in named.items()})
+    return model, prior
+
+
 def test_train_local_same_numbers_with_and_without_drawing_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
     import fedbayes.ivon
-    from fedbayes.gaussian import DiagGaussian
     from fedbayes.local import LocalSettings, train_local
-    from fedbayes.models import build_model
 
     planned: list[int] = []
 
@@ -130,10 +140,7 @@ def test_train_local_same_numbers_with_and_without_drawing_ahead(monkeypatch: py
     outs = []
     for flag in ("1", "0"):
         monkeypatch.setenv("FEDBAYES_DRAW_AHEAD", flag)
-        model = build_model("mlp", 6, 3, seed=0, hidden=(8,))
-        named = {k: v.detach() for k, v in model.named_parameters()}
-        prior = DiagGaussian.from_mean_prec({k: torch.zeros_like(v) for k, v in named.items()},
-                                            {k: torch.full_like(v, 0.5) for k, v in named.items()})
+        model, prior = _small_model_and_prior()
         s = LocalSettings.model_validate({"mode": "ivon", "epochs": 3, "batch_size": 16, "lr": 0.05, "seed": 9,
                                           "hess_init": 0.2, "max_steps": 10, "mc_samples": 2})
         outs.append(train_local(model, prior, x, y, s))
@@ -147,9 +154,7 @@ def test_train_local_same_numbers_with_and_without_drawing_ahead(monkeypatch: py
 def test_train_batched_same_numbers_with_and_without_drawing_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
     import fedbayes.batched
     from fedbayes.batched import train_batched
-    from fedbayes.gaussian import DiagGaussian
     from fedbayes.local import LocalSettings
-    from fedbayes.models import build_model
 
     enabled: list[bool] = []
 
@@ -163,10 +168,7 @@ def test_train_batched_same_numbers_with_and_without_drawing_ahead(monkeypatch: 
     outs = []
     for flag in ("1", "0"):
         monkeypatch.setenv("FEDBAYES_DRAW_AHEAD", flag)
-        model = build_model("mlp", 6, 3, seed=0, hidden=(8,))
-        named = {k: v.detach() for k, v in model.named_parameters()}
-        prior = DiagGaussian.from_mean_prec({k: torch.zeros_like(v) for k, v in named.items()},
-                                            {k: torch.full_like(v, 0.5) for k, v in named.items()})
+        model, prior = _small_model_and_prior()
         specs = [(prior, x, y, LocalSettings.model_validate(
             {"mode": "ivon", "epochs": 2, "batch_size": 16, "lr": 0.05, "seed": 9 + i, "hess_init": 0.2,
              "mc_samples": 3, "antithetic": True}), None, None) for i, (x, y) in enumerate(data)]
