@@ -26,12 +26,13 @@ Two parts, one process, one torch thread (``--threads``), results in ``OUT/bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,20 @@ import torch
 from torch import nn
 
 __all__ = ["main", "step_breakdown"]
+
+
+@contextlib.contextmanager
+def _noise_inline() -> Iterator[None]:
+    """Inside the block the trainers draw IVON's noise inline (``FEDBAYES_DRAW_AHEAD=0``); restored after."""
+    old = os.environ.get("FEDBAYES_DRAW_AHEAD")
+    os.environ["FEDBAYES_DRAW_AHEAD"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FEDBAYES_DRAW_AHEAD", None)
+        else:
+            os.environ["FEDBAYES_DRAW_AHEAD"] = old
 
 
 def _median_ms(fn: Callable[[], Any], reps: int) -> float:
@@ -135,16 +150,9 @@ def _timed(mode: str, c: int, n: int) -> dict[str, tuple[Callable[[], None], int
         train_batched(model, specs)
 
     def inline(fn: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:  # the trainer with the noise drawn inline (FEDBAYES_DRAW_AHEAD=0)
-            old = os.environ.get("FEDBAYES_DRAW_AHEAD")
-            os.environ["FEDBAYES_DRAW_AHEAD"] = "0"
-            try:
+        def run() -> None:
+            with _noise_inline():
                 fn()
-            finally:
-                if old is None:
-                    del os.environ["FEDBAYES_DRAW_AHEAD"]
-                else:
-                    os.environ["FEDBAYES_DRAW_AHEAD"] = old
         return run
 
     seq_steps = sum(int(s[3].epochs) * -(-len(s[1]) // 64) for s in specs[:4])
@@ -232,18 +240,10 @@ def run_ratio(algorithms: list[str], rounds: int, clients: int) -> dict[str, Any
                                                                  "client-engine": eng, "bma-samples": 0})
             exp = resolve(flat)
             fed = Federation.build(exp)
-            old = os.environ.get("FEDBAYES_DRAW_AHEAD")
-            if var.endswith("_inline"):
-                os.environ["FEDBAYES_DRAW_AHEAD"] = "0"
-            try:
+            with _noise_inline() if var.endswith("_inline") else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 rows = run_rounds(fed, exp, [], None, evaluate=False)
                 row[var] = {"wall_s": time.perf_counter() - t0, "train_loss": rows[-1]["train_loss"]}
-            finally:
-                if old is None:
-                    os.environ.pop("FEDBAYES_DRAW_AHEAD", None)
-                else:
-                    os.environ["FEDBAYES_DRAW_AHEAD"] = old
         row["sequential_over_batched"] = row["sequential"]["wall_s"] / row["batched"]["wall_s"]
         if "sequential_inline" in row:
             row["inline_over_ahead"] = row["sequential_inline"]["wall_s"] / row["sequential"]["wall_s"]
