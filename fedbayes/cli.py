@@ -1,11 +1,14 @@
-"""The ``fedbayes`` command line: run, compare, evaluate, tune, tune-apply, algorithms, data fetch, bench.
+"""The ``fedbayes`` command line: run, compare, evaluate, tune, tune-apply, algorithms, presets, keys, data, bench.
 
 The command sits on top of everything: the library (``fedbayes.*``) and the experiment drivers of
-``simulations/`` (presets, ``compare``, ``tune``, the what-if commands, benchmarks), which it imports when it
-builds its parser; nothing in the library imports this module.
+``simulations/`` (presets, ``compare``, ``tune``, the what-if commands, benchmarks); nothing in the library imports
+this module.  Building the parser imports no torch, flwr, optuna or matplotlib (``fedbayes --help`` takes a fraction
+of a second instead of ~5 s): the closed sets of names (algorithms, datasets, models, partitions) come from
+:mod:`fedbayes.names`, the presets from their folder, and every command imports the library when it runs.
 
 Every configuration problem (unknown algorithm, dataset, model, preset or key; a ``--set`` of the wrong type
-or out of range) is reported with what is valid, before any training starts, with exit status 2.
+or out of range) is reported with what is valid and the closest names ("did you mean"), before any training starts,
+with exit status 2.
 """
 
 from __future__ import annotations
@@ -129,6 +132,42 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    from simulations.presets import preset_summaries
+
+    rows = preset_summaries()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:{width}s} {r['dataset']:8s} {r['description']}")
+        if args.long:
+            print(f"{'':{width}s} {'':8s} algorithms: {r['algorithms'].replace(',', ', ')}; rounds: {r['rounds']}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Every config key a run of ``--algorithm`` accepts (``--set KEY=VALUE``, presets, config.json)."""
+    from fedbayes.algorithms import get_algorithm
+    from fedbayes.config import LOCAL_KEYS, RunConfig, RunKeys
+    from fedbayes.keys import kebab
+
+    def show(title: str, fields: dict[str, Any], names: list[str]) -> None:
+        print(title)
+        width = max(len(kebab(n)) for n in names)
+        for n in names:
+            default = fields[n].default
+            shown = "the rule's default" if default is None and n in LOCAL_KEYS else json.dumps(default)
+            print(f"  {kebab(n):{width}s}  {shown}")
+
+    cls = get_algorithm(args.algorithm)
+    show("run keys (data, model, clients, rounds, evaluation; every algorithm):", RunConfig.model_fields,
+         list(RunKeys.model_fields))
+    show("local-training keys (every algorithm; unset: the rule's default):", RunConfig.model_fields,
+         list(LOCAL_KEYS))
+    show(f"{args.algorithm} keys (its hyperparameters, named as in its paper; `fedbayes algorithms` for the others):",
+         cls.Config.model_fields, list(cls.Config.model_fields))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from fedbayes.data import dataset_names, fetch
 
@@ -144,45 +183,79 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_NAMES = ("ivon", "engine", "flower", "whatif", "scale")
+"""``fedbayes bench NAME``: :data:`simulations.bench.BENCHES` and the three with their own options (a test keeps the
+list equal to them; listed here so that building the parser imports no torch)."""
+OWN_OPTIONS = {"whatif": "simulations.bench_whatif", "scale": "simulations.bench_scale",
+               "engine": "simulations.bench_engine"}
+"""Benchmarks that parse their own options (``fedbayes bench NAME --help``): NAME -> module with ``main(argv)``."""
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Run one benchmark.  ``--out`` may come before or after NAME (``bench ivon --out DIR``, as the Makefile
+    writes it): argparse puts everything after NAME into the benchmark's own options, so ``ivon`` and ``flower``
+    read ``--out`` from there and reject anything else."""
+    import importlib
+
+    if args.name in OWN_OPTIONS:
+        options = list(args.options)
+        if "--out" not in options:
+            options += ["--out", args.out if args.out != "runs/bench" else f"runs/bench/{args.name}"]
+        return int(importlib.import_module(OWN_OPTIONS[args.name]).main(options))
+    own = argparse.ArgumentParser(prog=f"fedbayes bench {args.name}",
+                                  description=f"benchmark {args.name}: its only option is --out")
+    own.add_argument("--out", default=args.out, help="folder for bench-NAME.json (default: %(default)s)")
+    out = own.parse_args(args.options).out
     from simulations.bench import BENCHES
 
-    if args.name == "whatif":
-        from simulations.bench_whatif import main as bench_whatif
-
-        options = list(args.options)
-        if "--out" not in options:
-            options += ["--out", args.out if args.out != "runs/bench" else "runs/bench/whatif"]
-        return bench_whatif(options)
-    if args.name == "scale":
-        from simulations.bench_scale import main as bench_scale
-
-        options = list(args.options)
-        if "--out" not in options:
-            options += ["--out", args.out if args.out != "runs/bench" else "runs/bench/scale"]
-        return bench_scale(options)
-    if args.name == "engine":
-        from simulations.bench_engine import main as bench_engine
-
-        options = list(args.options)
-        if "--out" not in options:
-            options += ["--out", args.out if args.out != "runs/bench" else "runs/bench/engine"]
-        return bench_engine(options)
-    if args.options:
-        raise ValueError(f"benchmark '{args.name}' takes no options (got {args.options})")
-    if args.name not in BENCHES:
-        raise ValueError(f"unknown benchmark '{args.name}'; valid: {sorted(BENCHES)}")
-    res = BENCHES[args.name](Path(args.out))  # type: ignore[operator]
+    res = BENCHES[args.name](Path(out))  # type: ignore[operator]
     print(json.dumps(res, indent=1))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedbayes", description="Federated variational-Bayes ADMM with IVON clients")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+def _preset_type(extra: tuple[str, ...] = ()) -> Any:
+    """``--preset``: a built-in preset's name (a typo gets the closest names), one of ``extra`` (``none``), or a
+    path to a TOML file (checked when it is loaded)."""
+    from simulations.presets import preset_names, unknown_preset
 
-    from simulations.presets import DATASET_PRESETS
+    names = set(preset_names()) | set(extra)
+
+    def preset(value: str) -> str:
+        if value in names or Path(value).suffix:
+            return value
+        raise argparse.ArgumentTypeError(unknown_preset(value))
+
+    return preset
+
+
+def _algorithm_list(value: str) -> str:
+    """``--algorithms a,b``: each name checked (with the closest names for a typo); the string is kept."""
+    from fedbayes.names import ALGORITHMS, unknown
+
+    for name in value.split(","):
+        if name not in ALGORITHMS:
+            raise argparse.ArgumentTypeError(unknown("algorithm", name, ALGORITHMS))
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedbayes`` parser.  Building it imports no torch, flwr, optuna or matplotlib (``fedbayes --help`` in a
+    fraction of a second; ``tests/test_cli_ux.py`` checks it): choices come from :mod:`fedbayes.names` and the
+    preset folder, and each command imports what it needs when it runs."""
+    from fedbayes import __version__
+    from fedbayes.names import ALGORITHMS, DATASETS, MODELS, PARTITIONS, choice
+    from simulations.presets import DATASET_PRESETS, preset_names
+
+    presets = ", ".join(preset_names())
+    p = argparse.ArgumentParser(prog="fedbayes", description="Federated variational-Bayes ADMM with IVON clients. "
+                                "`fedbayes COMMAND --help` describes a command's options.")
+    p.add_argument("--version", action="version", version=f"fedbayes {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (rounds, dropped replies, …)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_set(parser: argparse.ArgumentParser, what: str) -> None:
+        parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                            help=f"any config key {what} (repeatable); `fedbayes keys --algorithm A` lists them")
 
     r = sub.add_parser(
         "run", help="run one experiment and write its results folder",
@@ -190,18 +263,23 @@ def build_parser() -> argparse.ArgumentParser:
                     f"default preset ({', '.join(f'{d}: {n}' for d, n in DATASET_PRESETS.items())}; other datasets: "
                     "the code's defaults), then the options below and --set override it. The first line printed "
                     "names the preset; config.json holds every resolved value.")
-    r.add_argument("--algorithm")
-    r.add_argument("--dataset")
-    r.add_argument("--model")
-    r.add_argument("--clients", type=int)
-    r.add_argument("--partition")
-    r.add_argument("--rounds", type=int)
-    r.add_argument("--seed", type=int)
-    r.add_argument("--preset", help="a preset name or TOML file to start from (default: the dataset's preset; "
-                                    "'none': the code's defaults)")
+    r.add_argument("--algorithm", type=choice("algorithm", ALGORITHMS), choices=ALGORITHMS, metavar="ALGORITHM",
+                   help="the server rule: %(choices)s (default: the preset's, else bayes-admm)")
+    r.add_argument("--dataset", type=choice("dataset", DATASETS), choices=DATASETS, metavar="DATASET",
+                   help="%(choices)s (default: the preset's, else digits)")
+    r.add_argument("--model", type=choice("model", MODELS), choices=MODELS, metavar="MODEL",
+                   help="%(choices)s (default: the preset's, else mlp)")
+    r.add_argument("--clients", type=int, metavar="K", help="number of clients K (run key num-clients)")
+    r.add_argument("--partition", type=choice("partition", PARTITIONS), choices=PARTITIONS, metavar="PARTITION",
+                   help="how the training data is split over the clients: %(choices)s")
+    r.add_argument("--rounds", type=int, help="federated rounds (with --resume: the total to reach)")
+    r.add_argument("--seed", type=int, help="seed of the data split, initialisation and training")
+    r.add_argument("--preset", type=_preset_type(("none",)),
+                   help=f"a preset name ({presets}) or TOML file to start from (default: the dataset's preset; "
+                        "'none': the code's defaults); `fedbayes presets` describes them")
     r.add_argument("--config", help="a config.json of an earlier run (reproduces it; no default preset)")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)")
-    r.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    add_set(r, "(run keys and the algorithm's)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto: cuda if available)")
     r.add_argument("--engine", choices=["inprocess", "sequential", "batched", "flower"], default="inprocess",
                    help="inprocess (clients batched on a GPU, sequential on a CPU: run key client-engine = auto), "
                    "sequential or batched (in process, clients one after another or all at once), or flower "
@@ -209,36 +287,54 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--client-cpus", type=float, default=1.0, help="flower engine: CPUs per ClientApp")
     r.add_argument("--client-gpus", type=float, default=0.0, help="flower engine: GPU fraction per ClientApp")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
-    r.add_argument("--out")
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--out", metavar="DIR", help="the results folder (default runs/ALGORITHM-DATASET-sSEED)")
+    r.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     r.set_defaults(fn=cmd_run)
 
-    c = sub.add_parser("compare", help="run a preset's algorithms × seeds and write tables and plots")
-    c.add_argument("--preset", required=True)
-    c.add_argument("--algorithms", help="comma-separated (default: the preset's)")
-    c.add_argument("--seeds", help="comma-separated, e.g. 0,1,2")
-    c.add_argument("--rounds", type=int)
-    c.add_argument("--set", action="append", metavar="KEY=VALUE")
-    c.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
-    c.add_argument("--no-centralized", action="store_true")
-    c.add_argument("--out")
-    c.add_argument("--quiet", action="store_true")
+    c = sub.add_parser("compare", help="run a preset's algorithms × seeds and write tables and plots",
+                       description="Run a preset's algorithms × seeds (and the pooled-data rows centralized and "
+                                   "centralized-ivon), then write table.md, table.csv and accuracy/NLL plots. "
+                                   "Finished runs in the output folder are reused.")
+    c.add_argument("--preset", required=True, type=_preset_type(),
+                   help=f"a preset name ({presets}) or TOML file; `fedbayes presets` describes them")
+    c.add_argument("--algorithms", type=_algorithm_list, metavar="A[,A…]",
+                   help=f"comma-separated, of {', '.join(ALGORITHMS)} (default: the preset's)")
+    c.add_argument("--seeds", metavar="S[,S…]", help="comma-separated, e.g. 0,1,2 (default: the preset's seed)")
+    c.add_argument("--rounds", type=int, help="rounds of every run (default: the preset's)")
+    add_set(c, "for every run")
+    c.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, one torch thread each)")
+    c.add_argument("--no-centralized", action="store_true", help="leave out the pooled-data rows")
+    c.add_argument("--out", metavar="DIR", help="the comparison folder (default runs/compare-PRESET)")
+    c.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     c.set_defaults(fn=cmd_compare)
 
-    a = sub.add_parser("algorithms", help="list the registered algorithms")
+    a = sub.add_parser("algorithms", help="list the registered algorithms and their keys")
     a.set_defaults(fn=cmd_algorithms)
 
+    ps = sub.add_parser("presets", help="list the presets: name, dataset, description")
+    ps.add_argument("--long", action="store_true", help="also each preset's algorithms and rounds")
+    ps.set_defaults(fn=cmd_presets)
+
+    k = sub.add_parser("keys", help="list every config key (run keys and an algorithm's) with its default")
+    k.add_argument("--algorithm", type=choice("algorithm", ALGORITHMS), choices=ALGORITHMS, metavar="ALGORITHM",
+                   default="bayes-admm", help="whose hyperparameters to list: %(choices)s (default: %(default)s)")
+    k.set_defaults(fn=cmd_keys)
+
     d = sub.add_parser("data", help="obtain and cache datasets (offline sources, SHA-256 checked)")
-    d.add_argument("action", choices=["fetch", "list"])
-    d.add_argument("name", nargs="?", default="all")
-    d.add_argument("--force", action="store_true")
+    d.add_argument("action", choices=["fetch", "list"], help="fetch: obtain and cache; list: print the names")
+    d.add_argument("name", nargs="?", default="all", type=choice("dataset", DATASETS, also=("all",)),
+                   choices=(*DATASETS, "all"), metavar="NAME",
+                   help="a dataset (%(choices)s; default: all)")
+    d.add_argument("--force", action="store_true", help="fetch again even if cached")
     d.set_defaults(fn=cmd_data)
 
     b = sub.add_parser("bench", help="benchmarks; results written as JSON")
-    b.add_argument("name", help="ivon | engine | flower | whatif | scale (`fedbayes bench whatif --help`, "
-                   "`fedbayes bench scale --help` for their options)")
-    b.add_argument("--out", default="runs/bench")
-    b.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options (whatif, scale)")
+    b.add_argument("name", type=choice("benchmark", BENCH_NAMES), choices=BENCH_NAMES, metavar="NAME",
+                   help="%(choices)s (`fedbayes bench whatif --help`, `… scale --help`, `… engine --help` for "
+                        "their options)")
+    b.add_argument("--out", default="runs/bench", help="results folder (default: %(default)s)")
+    b.add_argument("options", nargs=argparse.REMAINDER,
+                   help="the benchmark's own options (whatif, scale, engine; --out for every one)")
     b.set_defaults(fn=cmd_bench)
 
     from simulations.whatif_cli import add_subparsers as add_whatif
@@ -256,7 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; returns its exit status (0; 2 for bad input, also argparse's: nothing raises SystemExit)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) and argparse's usage errors (2, message already printed)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from fedbayes.config import ConfigError
 
@@ -265,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"fedbayes: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # a command's own option parser (bench NAME OPTIONS): message already printed
+        return e.code if isinstance(e.code, int) else 2
 
 
 if __name__ == "__main__":

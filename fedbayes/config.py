@@ -28,9 +28,11 @@ from fedbayes.data.partition import PARTITIONERS
 from fedbayes.keys import kebab, kebab_keys
 from fedbayes.local import USER_KEYS, LocalSettings
 from fedbayes.models import model_names
+from fedbayes.names import did_you_mean, unknown
 
 __all__ = [
     "LOCAL_KEYS", "ConfigError", "Experiment", "RunConfig", "RunKeys", "load_config_file", "parse_sets", "resolve",
+    "unknown_keys_message",
 ]
 
 
@@ -168,28 +170,28 @@ class RunKeys(BaseModel):
     @classmethod
     def _algo(cls, v: str) -> str:
         if v not in REGISTRY:
-            raise ValueError(f"unknown algorithm '{v}'; valid: {list(REGISTRY)}")
+            raise ValueError(unknown("algorithm", v, REGISTRY))
         return v
 
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
         if v not in dataset_names():
-            raise ValueError(f"unknown dataset '{v}'; valid: {dataset_names()}")
+            raise ValueError(unknown("dataset", v, dataset_names()))
         return v
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
         if v not in model_names():
-            raise ValueError(f"unknown model '{v}'; valid: {model_names()}")
+            raise ValueError(unknown("model", v, model_names()))
         return v
 
     @field_validator("partition")
     @classmethod
     def _partition(cls, v: str) -> str:
         if v not in PARTITIONERS:
-            raise ValueError(f"unknown partition '{v}'; valid: {sorted(PARTITIONERS)}")
+            raise ValueError(unknown("partition", v, PARTITIONERS))
         return v
 
     @field_validator("clients_per_round")
@@ -318,12 +320,9 @@ def resolve(flat: Mapping[str, Any]) -> Experiment:
         raise ConfigError(_format(e, "run config")) from None
     algo_cls = get_algorithm(run.algorithm)
     algo_keys = {kebab(n) for n in algo_cls.Config.model_fields}
-    unknown = sorted(k for k in norm if k not in run_keys and k not in algo_keys)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {unknown} for algorithm '{run.algorithm}'. "
-            f"Algorithm keys: {sorted(algo_keys)}. Run keys: {sorted(run_keys)}"
-        )
+    bad = sorted(k for k in norm if k not in run_keys and k not in algo_keys)
+    if bad:
+        raise ConfigError(unknown_keys_message(bad, run.algorithm, run_keys, algo_keys))
     try:
         algo = algo_cls.Config.model_validate({k: v for k, v in norm.items() if k in algo_keys})
     except ValidationError as e:
@@ -333,6 +332,25 @@ def resolve(flat: Mapping[str, Any]) -> Experiment:
     except ValueError as e:
         raise ConfigError(f"invalid {run.algorithm} config: {e}") from None
     return Experiment(run=run, algo=algo)
+
+
+def unknown_keys_message(bad: list[str], algorithm: str, run_keys: set[str], algo_keys: set[str]) -> str:
+    """The error for config keys that are neither run keys nor ``algorithm``'s: per key, the closest valid keys
+    (:func:`fedbayes.names.did_you_mean`) or the other algorithms that have it, and where the full list is
+    (``fedbayes keys --algorithm A``) instead of all ~55 keys on one line."""
+    parts = []
+    for key in bad:
+        owners = [n for n, cls in REGISTRY.items() if key in {kebab(f) for f in cls.Config.model_fields}]
+        close = did_you_mean(key, sorted(run_keys | algo_keys))
+        if owners:
+            hint = f"a key of {', '.join(owners)}, not of {algorithm}"
+        elif close:
+            hint = "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+        else:
+            hint = "no key is close"
+        parts.append(f"'{key}' ({hint})")
+    return (f"unknown config key{'s' if len(bad) > 1 else ''} for algorithm '{algorithm}': {'; '.join(parts)}. "
+            f"All valid keys: `fedbayes keys --algorithm {algorithm}`")
 
 
 def parse_sets(items: list[str] | None) -> dict[str, str]:

@@ -283,10 +283,29 @@ def load_checkpoint(run_dir: str | Path, *, clients: bool = True,
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``run_dir/metrics.jsonl`` ([] when there is none).
+
+    Raises
+    ------
+    ValueError
+        A line that is not a JSON object, naming the file, the line number and what to do.
+    """
     p = Path(run_dir) / "metrics.jsonl"
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(p.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}, line {i}: not valid JSON ({e.msg} at column {e.colno}): {line[:80]!r}; "
+                             "repair or delete that line, or delete the run folder to run it again") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{p}, line {i}: expected a JSON object (one round's metrics), got {line[:80]!r}")
+        rows.append(row)
+    return rows
 
 
 def read_posterior(run_dir: str | Path) -> dict[str, Tensor]:

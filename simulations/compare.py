@@ -13,6 +13,11 @@ the mean's numbers stay in the table beside it.
 
 Runs that already finished (their ``metrics.jsonl`` has the last round) are reused, so an interrupted comparison
 continues where it stopped.
+
+The table's title and the plots' titles say what the runs *were* — read from each run's resolved ``config.json``
+(:func:`run_settings`), never from the preset's description, whose numbers are the preset's defaults (a
+``--rounds 2`` run of a "20 rounds" preset is titled "2 rounds").  The plots draw the mean over seeds per round
+with a band of ± 1 standard deviation over the seeds, and say so in their title; a row with one seed has no band.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from fedbayes.noise import share_cores
 from fedbayes.results import read_metrics
 from simulations.presets import Preset, centralized_config, centralized_ivon_config
 
-__all__ = ["aggregate_runs", "plot_curves", "reported_predictions", "run_grid", "summarize", "write_tables"]
+__all__ = [
+    "aggregate_runs", "plot_curves", "reported_predictions", "run_grid", "run_settings", "summarize", "write_tables",
+]
 
 METRICS = ("test_accuracy", "test_nll", "test_ece", "test_brier")
 BMA = tuple(f"bma_{m}" for m in METRICS)
@@ -199,16 +206,54 @@ def write_tables(table: list[dict[str, Any]], out_dir: Path, title: str = "") ->
     return md_p, csv_p
 
 
-def plot_curves(folders: dict[str, list[Path]], out_dir: Path) -> list[Path]:
-    """accuracy.png and nll.png: metric vs round, mean ± std over seeds, one line per algorithm."""
+def _values(values: Sequence[Any]) -> str:
+    """``[2, 2]`` -> ``"2"``; ``[10, 20, 10]`` -> ``"10/20"`` (the distinct values, in order)."""
+    return "/".join(str(v) for v in dict.fromkeys(values))
+
+
+def run_settings(folders: dict[str, list[Path]]) -> str:
+    """What the runs were, from their resolved ``config.json``: dataset, clients and partition, rounds × local
+    epochs and seeds of the federated rows (the pooled-data rows ``centralized*`` are one client by construction),
+    e.g. ``"digits, 10 clients (dirichlet), 2 rounds × 20 local epochs, seeds 0,1"``.  A setting that differs
+    between algorithms shows each value (``"10/20 local epochs"``); "" when no run has a config yet."""
+    from fedbayes.config import load_config_file
+
+    exps = []
+    for name, runs in folders.items():
+        for r in runs:
+            if not (r / "config.json").exists():
+                continue
+            exp = resolve(load_config_file(r / "config.json"))
+            exps.append((name, exp))
+    fed = [e for n, e in exps if not n.startswith("centralized")] or [e for _, e in exps]
+    if not fed:
+        return ""
+    run = [e.run for e in fed]
+    return (f"{_values([r.dataset for r in run])}, {_values([r.num_clients for r in run])} clients "
+            f"({_values([r.partition for r in run])}), {_values([r.rounds for r in run])} rounds × "
+            f"{_values([e.local_setting('epochs') for e in fed])} local epochs, "
+            f"seeds {','.join(str(s) for s in sorted({r.seed for r in run}))}")
+
+
+def _heading(title: str, settings: str) -> str:
+    """``title``'s name (before ': ', which the preset's description used to follow) with the runs' settings."""
+    name = title.split(": ", 1)[0].strip()
+    return ": ".join(t for t in (name, settings) if t)
+
+
+def plot_curves(folders: dict[str, list[Path]], out_dir: Path, title: str = "") -> list[Path]:
+    """accuracy.png and nll.png: metric vs round, one line per algorithm: the mean over its seeds with a band of
+    ± 1 std over them (no band for one seed), whole-number round ticks, ``title`` above and what the band is."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     paths = []
     for key, label, fname in (("test_accuracy", "test accuracy", "accuracy.png"), ("test_nll", "test NLL", "nll.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        seeds: list[int] = []
         for name, runs in folders.items():
             curves = []
             for r in runs:
@@ -222,8 +267,17 @@ def plot_curves(folders: dict[str, list[Path]], out_dir: Path) -> list[Path]:
             vals = np.array([[c[i][1] for i in range(n)] for c in curves])
             mu, sd = vals.mean(0), vals.std(0)
             style = "--" if name.startswith("centralized") else "-"
-            ax.plot(rounds, mu, style, label=name)
-            ax.fill_between(rounds, mu - sd, mu + sd, alpha=0.2)
+            seeds.append(len(curves))
+            line = ax.plot(rounds, mu, style, label=name)[0]
+            if len(curves) > 1:
+                ax.fill_between(rounds, mu - sd, mu + sd, alpha=0.2, color=line.get_color())
+        if len(set(seeds)) == 1:
+            n = seeds[0]
+            band = f"mean ± 1 std over {n} seeds (band)" if n > 1 else "1 seed (no band)"
+        else:
+            band = f"mean ± 1 std over {min(seeds)}–{max(seeds)} seeds (band; none for 1 seed)" if seeds else ""
+        ax.set_title("\n".join(t for t in (title, f"{label}: {band}") if t), fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -253,8 +307,12 @@ def reported_predictions(preset: Preset, names: Sequence[str], sets: dict[str, A
 
 def summarize(folders: dict[str, list[Path]], out_dir: Path, title: str = "",
               reported: dict[str, str] | None = None) -> dict[str, Any]:
+    """table.md, table.csv, summary.json and the plots of a comparison.  ``title``: the preset's name; anything
+    after ``": "`` (the preset's description) is dropped: the heading is the name with the runs' own settings
+    (:func:`run_settings`)."""
     table = aggregate_runs(folders, reported)
-    md, csv_p = write_tables(table, out_dir, title)
-    plots = plot_curves(folders, out_dir)
+    heading = _heading(title, run_settings(folders))
+    md, csv_p = write_tables(table, out_dir, heading)
+    plots = plot_curves(folders, out_dir, heading)
     (out_dir / "summary.json").write_text(json.dumps(table, indent=1) + "\n")
     return {"table": table, "md": md, "csv": csv_p, "plots": plots}

@@ -9,6 +9,14 @@ are rebuilt from the run's ``config.json`` exactly as in training (the validatio
 ``seed``).  The posterior average uses the seed the engine used in the run's last round, so with the run's own
 settings the numbers are those of the last row of ``metrics.jsonl`` (for the split it was evaluated on).  Prints
 one JSON object: ``{split}_*`` for the mean prediction and ``bma_{split}_*`` for the posterior average.
+
+``--split validation`` needs a validation set: a run trained with ``validation-fraction`` > 0 has one; for a run
+trained without, ``--validation-fraction F`` draws one from the training examples no client holds (possible only
+when the run left some unused: ``train-fraction`` < 1, or a ``shards``/``paper`` partition), else the run must be
+retrained with ``--set validation-fraction=0.1``.  The error says which.
+
+The module imports torch only when a command runs: the parser (:func:`add_subparsers`) is built for every
+``fedbayes`` command, ``--help`` included.
 """
 
 from __future__ import annotations
@@ -18,16 +26,16 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fedbayes.config import ConfigError, Experiment, load_config_file, parse_sets, resolve
-from fedbayes.engine import Federation, resolve_device
-from fedbayes.gaussian import DiagGaussian
 from fedbayes.keys import kebab_keys
-from fedbayes.metrics import evaluate_model
-from fedbayes.results import read_metrics, read_posterior
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedbayes.config import Experiment
+    from fedbayes.engine import Federation
+    from fedbayes.gaussian import DiagGaussian
 
 __all__ = ["EVAL_KEYS", "SavedRun", "add_subparsers", "evaluate_run"]
 
@@ -52,6 +60,11 @@ class SavedRun:
         """``validation_fraction``: give a run trained without a validation set one, drawn by the rule of
         :mod:`fedbayes.data.validation` from the training-file examples no client holds (refused when that would
         hold examples out of the clients' data: the posterior was trained on them)."""
+        from fedbayes.config import ConfigError, load_config_file, resolve
+        from fedbayes.engine import Federation
+        from fedbayes.gaussian import DiagGaussian
+        from fedbayes.results import read_metrics, read_posterior
+
         path = Path(run_dir)
         if not (path / "posterior.safetensors").exists():
             raise ValueError(f"{path} has no posterior.safetensors (not a finished run folder)")
@@ -62,7 +75,9 @@ class SavedRun:
         fed = Federation.build(exp, None, data_dir)
         if validation_fraction is not None and fed.validation is not None and fed.validation.source != "unused":
             raise ConfigError(f"{path}: too few training examples are unused for validation-fraction "
-                              f"{validation_fraction}; a hold-out would take examples the run trained on")
+                              f"{validation_fraction} (the run's partition uses every training example); a hold-out "
+                              "would take examples the run trained on. Retrain with a validation set: "
+                              f"`fedbayes run --config {path / 'config.json'} --set validation-fraction=0.1 --out NEW`")
         saved = read_posterior(path)
         names = list(dict(fed.model.named_parameters()))
         mean = {k: saved[f"mean/{k}"].double() for k in names}
@@ -76,6 +91,10 @@ class SavedRun:
     def evaluate(self, sets: Mapping[str, Any] | None = None, split: str | None = None) -> dict[str, float]:
         """Metrics on ``split`` (``"validation"``, ``"test"``; None: the run's ``eval-split``) with the run's
         prediction settings changed by ``sets`` (keys in :data:`EVAL_KEYS`)."""
+        from fedbayes.config import ConfigError, resolve
+        from fedbayes.engine import resolve_device
+        from fedbayes.metrics import evaluate_model
+
         sets = kebab_keys(sets)
         bad = sorted(set(sets) - set(EVAL_KEYS))
         if bad:
@@ -84,7 +103,12 @@ class SavedRun:
         split = split or exp.run.eval_split
         if split == "validation":
             if self.fed.x_val is None or self.fed.y_val is None:
-                raise ConfigError(f"{self.path}: the run has no validation set (validation-fraction = 0)")
+                raise ConfigError(
+                    f"{self.path}: the run has no validation split (it was trained with validation-fraction = 0). "
+                    "Give it one with --validation-fraction 0.1 (drawn from the training examples no client holds; "
+                    "possible when the run left some unused: train-fraction < 1, or a shards/paper partition), or "
+                    f"retrain with one: `fedbayes run --config {self.path / 'config.json'} "
+                    "--set validation-fraction=0.1 --out NEW`; or evaluate --split test")
             x, y, prefix = self.fed.x_val, self.fed.y_val, "val_"
         elif split == "test":
             assert self.fed.x_test is not None and self.fed.y_test is not None
@@ -108,6 +132,8 @@ def evaluate_run(
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedbayes.config import parse_sets
+
     res = evaluate_run(args.run, parse_sets(args.set), args.split, validation_fraction=args.validation_fraction)
     print(json.dumps(res, indent=1))
     return 0
@@ -116,8 +142,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def add_subparsers(sub: Any) -> None:
     e = sub.add_parser("evaluate", help="re-evaluate a finished run's posterior with other prediction settings")
     e.add_argument("run", help="the run folder (config.json, posterior.safetensors)")
-    e.add_argument("--split", choices=["validation", "test"], help="default: the run's eval-split")
+    e.add_argument("--split", choices=["validation", "test"],
+                   help="the data to evaluate on (default: the run's eval-split); validation needs a run trained "
+                        "with validation-fraction > 0, or --validation-fraction")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"one of {', '.join(EVAL_KEYS)} (repeatable)")
     e.add_argument("--validation-fraction", type=float, default=None,
-                   help="a validation set for a run trained without one (from unused training examples only)")
+                   metavar="F", help="a validation set of F × the clients' examples for a run trained without one "
+                                     "(from unused training examples only)")
     e.set_defaults(fn=cmd_evaluate)

@@ -12,6 +12,11 @@ fails before any training starts.
 A run that names no preset starts from its dataset's default preset (:data:`DATASET_PRESETS`,
 :func:`apply_preset`), under the keys it sets itself: ``fedbayes run`` and Flower's run config
 (``preset = "auto"``, :mod:`server.runconfig`) resolve a run the same way.
+
+Importing this module imports no torch: the ``fedbayes`` parser reads :data:`DATASET_PRESETS` and
+:func:`preset_names` for its help, and ``fedbayes --help`` must stay fast (``tests/test_cli_ux.py``); the
+configuration (:mod:`fedbayes.config`, which imports the algorithms) is imported by the functions that validate.
+``fedbayes presets`` lists every preset with :func:`preset_summaries`.
 """
 
 from __future__ import annotations
@@ -22,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedbayes.algorithms import REGISTRY
-from fedbayes.config import ConfigError, RunConfig, resolve
 from fedbayes.keys import kebab, kebab_keys
+from fedbayes.names import unknown
 
 __all__ = [
     "AUTO",
@@ -36,6 +40,7 @@ __all__ = [
     "centralized_ivon_config",
     "load_preset",
     "preset_names",
+    "preset_summaries",
 ]
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -65,8 +70,11 @@ class Preset:
         """The flat config of one algorithm: base ← algorithm table ← ``sets``.  A key of ``sets`` replaces the
         preset's alternatives to it (the algorithm config's ``alternative_keys``, e.g. ``rho`` its ``rho-k``),
         so the user's value wins instead of clashing."""
+        from fedbayes.algorithms import REGISTRY
+        from fedbayes.config import ConfigError
+
         if algorithm not in REGISTRY:
-            raise ConfigError(f"unknown algorithm '{algorithm}'; valid: {list(REGISTRY)}")
+            raise ConfigError(unknown("algorithm", algorithm, REGISTRY))
         sets = kebab_keys(sets)
         table = {**self.base, **self.algorithms.get(algorithm, {})}
         for keys in REGISTRY[algorithm].Config.alternative_keys:
@@ -82,16 +90,42 @@ _loading: set[str] = set()  # presets being loaded through 'extends' (cycle dete
 
 
 def preset_names() -> list[str]:
+    """The built-in presets' names (the TOML files of :data:`PRESET_DIR`), sorted."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def unknown_preset(name: str) -> str:
+    """The error for a preset that is neither a built-in name nor an existing file: the closest names."""
+    return unknown("preset", name, preset_names()) + " (or a path to a .toml file; `fedbayes presets` lists them)"
+
+
+def preset_summaries() -> list[dict[str, str]]:
+    """One entry per built-in preset: ``name``, ``dataset``, ``algorithms`` (comma-separated), ``rounds`` and
+    ``description``, from the loaded (validated) preset: ``extends`` is followed."""
+    from fedbayes.config import RunConfig
+
+    out = []
+    for name in preset_names():
+        p = load_preset(name)
+        out.append({
+            "name": name,
+            "dataset": str(p.base.get("dataset", RunConfig.model_fields["dataset"].default)),
+            "algorithms": ",".join(p.algorithms),
+            "rounds": str(p.base.get("rounds", RunConfig.model_fields["rounds"].default)),
+            "description": " ".join(p.description.split()),
+        })
+    return out
 
 
 def load_preset(name_or_path: str) -> Preset:
     """Load and validate a preset by name (or a path to a TOML file)."""
+    from fedbayes.config import ConfigError, resolve
+
     p = Path(name_or_path)
     if not p.suffix:
         p = PRESET_DIR / f"{name_or_path}.toml"
     if not p.exists():
-        raise ConfigError(f"unknown preset '{name_or_path}'; valid: {preset_names()}")
+        raise ConfigError(unknown_preset(name_or_path))
     try:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -166,6 +200,8 @@ def apply_preset(explicit: Mapping[str, Any], preset: str | None = AUTO) -> tupl
     ConfigError
         An unknown preset or algorithm.
     """
+    from fedbayes.config import RunConfig
+
     flat = kebab_keys(explicit)
     name = (preset or "").strip()
     if name.lower() in ("", "none"):
@@ -186,6 +222,8 @@ def centralized_config(preset: Preset, seed: int, sets: dict[str, Any] | None = 
     holds exactly the federation's examples (the union of the preset's partition, ``pool-clients``), for the
     same number of rounds × local epochs.  For ``iid`` and ``dirichlet``, which use every example, that is the
     whole (``train-fraction``) training set; for ``shards`` and ``paper`` only the examples the clients hold."""
+    from fedbayes.config import RunConfig
+
     cfg = {**preset.base, **preset.algorithms.get("fedavg", {}), **(sets or {})}
     clients = int(cfg.get("num-clients", RunConfig.model_fields["num_clients"].default))
     cfg.pop("exclude-clients", None)
@@ -209,6 +247,8 @@ def centralized_ivon_config(preset: Preset, seed: int, sets: dict[str, Any] | No
     Adam is a point estimate whose NLL overfits).  From that table and from ``sets`` only run keys and δ
     (``prior-prec``) are kept: the rule-specific keys (ρ, damping, …) are dropped; the preset's
     ``[centralized]`` table is the Adam row's."""
+    from fedbayes.config import RunConfig
+
     table: dict[str, Any] = {}
     for name in IVON_TABLES:
         if name in preset.algorithms:

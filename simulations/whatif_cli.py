@@ -8,6 +8,8 @@ returning an exit status, like the other commands.  :func:`main` runs them stand
 Every command reads its source run(s) only and writes one **new** folder: it is assembled in a temporary
 sibling and moved into place at the end, so an invalid request (unknown client, point algorithm, improper
 posterior without fallback, mismatched runs, an existing output folder) leaves the disk unchanged.
+
+The commands import the library (torch) when they run, not when their parsers are built (``fedbayes --help``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from simulations.whatif_report import SHOWN, fmt, plot_answer, run_influence
 
 if TYPE_CHECKING:
     from fedbayes.whatif import LoadedRun
@@ -50,6 +50,8 @@ def _new_output(out: Path, sources: Sequence[Path]) -> Iterator[Path]:
 
 
 def _summary_line(name: str, m: dict[str, float]) -> str:
+    from simulations.whatif_report import SHOWN
+
     return f"{name}: " + " ".join(f"{k}={m[k]:.4f}" for k in SHOWN if k in m)
 
 
@@ -57,6 +59,7 @@ def _summary_line(name: str, m: dict[str, float]) -> str:
 def cmd_whatif(args: argparse.Namespace) -> int:
     from fedbayes.whatif import load_run, parse_clients, retrain_without, whatif, write_json, write_posterior_file
     from fedbayes.whatif.ops import eval_subset
+    from simulations.whatif_report import SHOWN, fmt, plot_answer
 
     src = Path(args.dir)
     clients = parse_clients(args.remove)
@@ -114,6 +117,7 @@ def cmd_influence(args: argparse.Namespace) -> int:
     src = Path(args.dir)
     out = Path(args.out) if args.out else src.parent / f"{src.name}-influence"
     from fedbayes.whatif import load_run
+    from simulations.whatif_report import run_influence
 
     run = load_run(src)  # fails (unsupported algorithm, missing checkpoint) before any folder exists
     with _new_output(out, [src]) as tmp:
@@ -222,36 +226,43 @@ def add_subparsers(sub: Any) -> None:
                    help="start the refinement from the trained global (default) or from the step back")
     w.add_argument("--eval", choices=["full", "subset", "none"], default="full",
                    help="evaluate on the test set, a fixed subset of 2,000 test examples, or not at all")
-    w.add_argument("--quiet", action="store_true")
+    w.add_argument("--quiet", action="store_true", help="no progress output while retraining (--verify)")
     w.set_defaults(fn=cmd_whatif)
 
     i = sub.add_parser("influence", help="rank clients by the predicted effect of removing each")
-    i.add_argument("dir")
+    i.add_argument("dir", help="a run folder (pvi, fedlap-cov or bayes-admm)")
     i.add_argument("--out", help="new folder (default DIR-influence beside DIR)")
     i.add_argument("--verify", action="store_true", help="retrain without each client and compare (slow)")
     i.add_argument("--keep-retrains", action="store_true", help="keep the retrained runs under OUT/retrain")
-    i.add_argument("--estimator")
-    i.add_argument("--no-fallback", action="store_true")
+    i.add_argument("--estimator", help="contribution estimator (bayes-admm: site | corrected-dual | dual; "
+                                       "default: the rule's first)")
+    i.add_argument("--no-fallback", action="store_true",
+                   help="fail instead of the bounded step back when a precision would fall below the prior's")
     i.add_argument("--refine", type=int, default=0, metavar="R", help="refine each answer by R rounds (see whatif)")
     i.add_argument("--eval", choices=["full", "subset"], default="full",
                    help="the whole test set or a fixed subset of 2,000 test examples")
-    i.add_argument("--quiet", action="store_true")
+    i.add_argument("--quiet", action="store_true", help="no progress output while retraining (--verify)")
     i.set_defaults(fn=cmd_influence)
 
     f = sub.add_parser("forget", help="write a resumable run with a client's contribution deleted")
-    f.add_argument("dir")
-    f.add_argument("--remove", required=True, metavar="CLIENT[,CLIENT…]")
-    f.add_argument("--out", required=True)
-    f.add_argument("--estimator")
-    f.add_argument("--no-fallback", action="store_true")
+    f.add_argument("dir", help="a run folder with a checkpoint (pvi, fedlap-cov or bayes-admm)")
+    f.add_argument("--remove", required=True, metavar="CLIENT[,CLIENT…]",
+                   help="client (partition) ids whose contribution is deleted")
+    f.add_argument("--out", required=True,
+                   help="the new run folder (must not exist); continue it with `fedbayes run --resume OUT`")
+    f.add_argument("--estimator", help="contribution estimator (bayes-admm: site | corrected-dual | dual; "
+                                       "default: the rule's first)")
+    f.add_argument("--no-fallback", action="store_true",
+                   help="fail instead of the bounded step back when a precision would fall below the prior's")
     f.set_defaults(fn=cmd_forget)
 
     m = sub.add_parser("merge", help="combine two runs from the same prior: λ = λ_A + λ_B − λ₀")
-    m.add_argument("dir_a")
-    m.add_argument("dir_b")
-    m.add_argument("--out", required=True)
+    m.add_argument("dir_a", help="the first run folder")
+    m.add_argument("dir_b", help="the second run folder (same algorithm, model, data and prior δ as DIR_A)")
+    m.add_argument("--out", required=True, help="the new folder for the merged posterior (must not exist)")
     m.add_argument("--union", metavar="DIR_C", help="a run on the union of the clients, to compare with")
-    m.add_argument("--no-fallback", action="store_true")
+    m.add_argument("--no-fallback", action="store_true",
+                   help="fail instead of the bounded step back when a precision would fall below the prior's")
     m.set_defaults(fn=cmd_merge)
 
 

@@ -22,10 +22,10 @@ def test_algorithms_lists_registry(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "argv,needle",
     [
-        (["run", "--algorithm", "fedsgd"], "valid: ['fedavg'"),
+        (["run", "--algorithm", "fedsgd"], "unknown algorithm 'fedsgd'"),
         (["run", "--dataset", "cifar10"], "unknown dataset 'cifar10'"),
         (["run", "--model", "resnet"], "unknown model 'resnet'"),
-        (["run", "--set", "rhoo=1"], "unknown config key(s) ['rhoo']"),
+        (["run", "--set", "rhoo=1"], "unknown config key for algorithm 'bayes-admm': 'rhoo' (did you mean 'rho'"),
         (["run", "--set", "lr=-1"], "lr: Input should be greater than 0"),
         (["run", "--set", "epochs=two"], "epochs"),
         (["run", "--algorithm", "pvi", "--set", "rho=2"], "rho"),

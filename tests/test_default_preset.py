@@ -68,6 +68,8 @@ def test_preset_none_and_datasets_without_a_preset_keep_the_code_defaults() -> N
     _, line = _flat_from_args(build_parser().parse_args(["run", "--dataset", "breast-cancer"]))
     assert line is not None and "breast-cancer has no default preset" in line
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        apply_preset({}, "nope")
+    with pytest.raises(SystemExit):  # the command line refuses it while parsing (with the closest names)
         _cli_flat(["--preset", "nope"])
 
 

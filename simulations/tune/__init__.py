@@ -34,14 +34,32 @@ space), so a re-tune starts from the previous best and every method gets the sam
 
 ``--set`` keys shape the trials (e.g. ``epochs=2`` as a cheaper budget) and are listed in best.toml's header;
 only a ``--set`` key that is in the search space is fixed (no longer tuned) and written into the table.
+
+The package's names are imported on first use (:func:`__getattr__`): ``fedbayes`` builds the ``tune`` parsers
+(:mod:`simulations.tune.cli`) for every command, ``--help`` included, and the study code imports torch and Optuna.
 """
 
 from __future__ import annotations
 
-from simulations.tune.cli import add_subparsers
-from simulations.tune.outputs import apply_best, toml_table
-from simulations.tune.spec import DEFAULT_VALIDATION_FRACTION, LAST_ROUNDS, OBJECTIVES, TuneSpec, make_spec
-from simulations.tune.study import tune
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from simulations.tune.cli import add_subparsers
+    from simulations.tune.outputs import apply_best, toml_table
+    from simulations.tune.spec import DEFAULT_VALIDATION_FRACTION, LAST_ROUNDS, OBJECTIVES, TuneSpec, make_spec
+    from simulations.tune.study import tune
+
+_WHERE = {
+    "add_subparsers": "cli", "apply_best": "outputs", "toml_table": "outputs", "DEFAULT_VALIDATION_FRACTION": "spec",
+    "LAST_ROUNDS": "spec", "OBJECTIVES": "spec", "TuneSpec": "spec", "make_spec": "spec", "tune": "study",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"simulations.tune.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'simulations.tune' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_VALIDATION_FRACTION",

@@ -115,6 +115,10 @@ def write_best(study: optuna.Study, spec: TuneSpec) -> dict[str, Any] | None:
     return info
 
 
+LEGEND_TRIALS = 12
+"""curves.png names each trial in its legend up to this many trials; beyond, the best trial and the line styles."""
+
+
 def write_plots(study: optuna.Study, spec: TuneSpec) -> tuple[list[Path], list[str]]:
     """history.png, importance.png (>= 2 complete trials) and curves.png; returns (paths, notes)."""
     import matplotlib
@@ -156,10 +160,30 @@ def write_plots(study: optuna.Study, spec: TuneSpec) -> tuple[list[Path], list[s
     trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
     if trials:
         fig, ax = plt.subplots(figsize=(8, 5))
+        sign = 1.0 if spec.direction == "minimize" else -1.0
+        best = min(complete, key=lambda t: sign * float(t.value or 0.0)) if complete else None
+        labelled = len(trials) <= LEGEND_TRIALS  # one legend entry per trial; beyond that, the best and the styles
         for t in trials:
             steps = sorted(t.intermediate_values)
-            style = "-" if t.state == optuna.trial.TrialState.COMPLETE else ":"
-            ax.plot(steps, [t.intermediate_values[s] for s in steps], style, alpha=0.7, lw=1)
+            done = t.state == optuna.trial.TrialState.COMPLETE
+            is_best = best is not None and t.number == best.number
+            label: str | None
+            if labelled:
+                label = f"trial {t.number}" + (f": {t.value:.4g}" if done and t.value is not None else " (pruned)")
+                label += " (best)" if is_best else ""
+            else:
+                label = f"best: trial {t.number} ({t.value:.4g})" if is_best and t.value is not None else None
+            ax.plot(steps, [t.intermediate_values[s] for s in steps], "-" if done else ":",
+                    alpha=0.9 if is_best else 0.6, lw=2.2 if is_best else 1, label=label,
+                    color="black" if is_best and not labelled else None)
+        if not labelled:
+            ax.plot([], [], "-", color="grey", lw=1, label="complete trial")
+            ax.plot([], [], ":", color="grey", lw=1, label="pruned trial")
+        ax.legend(fontsize=7, ncol=2 if labelled and len(trials) > 6 else 1,
+                  title=f"objective: mean of the last {LAST_ROUNDS} rounds")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(spec.metric)
         ax.set_title(f"{spec.study_name}: {spec.metric} per round (dotted: pruned)")
