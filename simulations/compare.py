@@ -229,9 +229,10 @@ def run_settings(folders: dict[str, list[Path]]) -> str:
     if not fed:
         return ""
     run = [e.run for e in fed]
+    epochs = _values([e.local_setting("epochs") for e in fed])
     return (f"{_values([r.dataset for r in run])}, {_values([r.num_clients for r in run])} clients "
             f"({_values([r.partition for r in run])}), {_values([r.rounds for r in run])} rounds × "
-            f"{_values([e.local_setting('epochs') for e in fed])} local epochs, "
+            f"{epochs} local epoch{'' if epochs == '1' else 's'}, "
             f"seeds {','.join(str(s) for s in sorted({r.seed for r in run}))}")
 
 

@@ -180,7 +180,7 @@ def write_plots(study: optuna.Study, spec: TuneSpec) -> tuple[list[Path], list[s
             ax.plot([], [], "-", color="grey", lw=1, label="complete trial")
             ax.plot([], [], ":", color="grey", lw=1, label="pruned trial")
         ax.legend(fontsize=7, ncol=2 if labelled and len(trials) > 6 else 1,
-                  title=f"objective: mean of the last {LAST_ROUNDS} rounds")
+                  title=f"objective: mean of the last {LAST_ROUNDS} rounds", title_fontsize=8)
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
