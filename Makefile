@@ -6,7 +6,7 @@ FEDBAYES := $(VENV)/bin/fedbayes
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup data test demo lint bench gpu-check clean
+.PHONY: setup data test demo lint docs bench gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: setup
 	$(VENV)/bin/ruff check fedbayes server client simulations tests
 	$(VENV)/bin/mypy
 
+# the documentation site (MkDocs, strict: a broken link or docstring reference fails), into build/site
+docs: setup
+	$(VENV)/bin/mkdocs build --strict -q
+
 bench: setup data
 	$(FEDBAYES) bench ivon --out runs/bench
 
@@ -43,4 +47,4 @@ gpu-check: setup data
 	$(PY) -m simulations.gpu_check
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) runs build .pytest_cache .mypy_cache .ruff_cache *.egg-info
