@@ -23,8 +23,9 @@ from typing import Any
 __all__ = ["main"]
 
 
-def _flat_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
-    """The run's flat config and a line saying which preset it starts from (None: ``--config`` alone).
+def _flat_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str | None, str | None]:
+    """The run's flat config, a line saying which preset it starts from (None: ``--config`` alone) and that
+    preset's name (None: none).
 
     Without ``--config``: the preset (``--preset``, else the dataset's default preset, ``--preset none``: none),
     then the explicit options and ``--set`` on top.  ``--config FILE`` is a resolved run: no default preset
@@ -46,7 +47,7 @@ def _flat_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str | Non
         explicit["client-engine"] = args.engine
     explicit.update(parse_sets(args.set))
     if args.config and not args.preset:
-        return {**flat, **explicit}, None
+        return {**flat, **explicit}, None, None
     if "algorithm" in flat and "algorithm" not in explicit:
         explicit = {"algorithm": flat["algorithm"], **explicit}
     resolved, used = apply_preset(explicit, args.preset or AUTO)
@@ -59,7 +60,7 @@ def _flat_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str | Non
     else:
         dataset = explicit.get("dataset", "digits")
         line = f"[fedbayes] preset: none (dataset {dataset} has no default preset: the code's defaults)"
-    return {**flat, **resolved}, line
+    return {**flat, **resolved}, line, used
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -74,13 +75,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             # the checkpoint (verified here, before Flower starts) says what the run is; the ServerApp checks again
             saved = load_resume(Path(args.resume), rounds=args.rounds).exp.to_flat()
             rows = run_flower_simulation(saved, Path(args.resume), num_supernodes=int(saved["num-clients"]),
-                                         num_cpus=args.client_cpus, num_gpus=args.client_gpus, resume=True)
+                                         num_cpus=args.client_cpus, num_gpus=args.client_gpus, resume=True,
+                                         verbose=args.verbose)
         else:
             rows = run_experiment({"rounds": args.rounds or 1}, args.resume, resume=True, progress=not args.quiet)
         print(json.dumps(rows[-1]))
         print(f"[fedbayes] resumed run in {args.resume}")
         return 0
-    flat, line = _flat_from_args(args)
+    flat, line, used = _flat_from_args(args)
     exp = resolve(flat)
     if line:
         print(line, flush=True)
@@ -89,7 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from simulations.flower_engine import run_flower_simulation
 
         rows = run_flower_simulation(exp.to_flat(), out, num_supernodes=exp.run.num_clients,
-                                     num_cpus=args.client_cpus, num_gpus=args.client_gpus)
+                                     num_cpus=args.client_cpus, num_gpus=args.client_gpus, verbose=args.verbose,
+                                     preset=used)
     else:
         rows = run_experiment(exp, out, progress=not args.quiet)
     last = rows[-1]

@@ -125,6 +125,10 @@ class RunKeys(BaseModel):
     store_cache_mb: float = Field(512.0, ge=0.0)
     """``store = "disk"``: the most megabytes of decoded client state kept in memory (512: the 50 participants of a
     round of bayes-admm on the paper's MLP, 8.5 MB each, stay cached from their configure to the update)."""
+    tensorboard: Literal["auto"] | bool = "auto"
+    """TensorBoard event files in the results folder's ``tensorboard/`` (:mod:`fedbayes.tensorboard`): ``"auto"``
+    when the ``tensorboard`` package is installed (the extra ``fedbayes[tensorboard]``), ``true`` (an error when it
+    is missing), ``false`` never."""
     exclude_clients: tuple[int, ...] = ()
     """Clients never asked to train (e.g. after ``fedbayes forget``); ids in [0, num-clients)."""
     # reliability: failure injection (in-process engine) and the round deadline (Flower)

@@ -2,6 +2,8 @@
 
 ``config.json``            the resolved flat configuration (``fedbayes run --config`` reproduces the run)
 ``metrics.jsonl``          one JSON object per evaluated round
+``tensorboard/``           the same rows as TensorBoard scalars, and the config as hyperparameters (run key
+                           ``tensorboard``, :mod:`fedbayes.tensorboard`)
 ``posterior.safetensors``  the final global ``mean/<param>`` (and ``prec/<param>`` for Bayesian rules), float64
 ``checkpoint/``            ``state.safetensors`` (the rule's global state and running sums), ``clients/`` (one
                            safetensors file per client that has state: :class:`fedbayes.algorithms.store.ClientFiles`)
@@ -106,6 +108,10 @@ class ResultsWriter:
     """Writes one run's folder; ``resume=True`` keeps what is there (and the checkpoint's client index)."""
 
     def __init__(self, out_dir: str | Path, config: Mapping[str, Any], *, resume: bool = False) -> None:
+        from fedbayes import tensorboard
+
+        self._tensorboard = tensorboard.wanted(config.get("tensorboard", "auto"))  # ConfigError: nothing touched
+        self._tb_log: tensorboard.RunLog | None = None
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
@@ -117,6 +123,7 @@ class ResultsWriter:
             mpath = self.dir / "metrics.jsonl"
             if mpath.exists():
                 mpath.unlink()
+            tensorboard.clear_events(self.dir)  # an earlier run's event log goes with its metrics
         else:
             meta_p = self.dir / "checkpoint" / "meta.json"
             if meta_p.exists():
@@ -138,10 +145,18 @@ class ResultsWriter:
         return self._files
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
+        """Append ``row`` to ``metrics.jsonl`` and, with ``tensorboard`` on, to the event log
+        (:mod:`fedbayes.tensorboard`: opened at the first row, which is also its purge step on resume)."""
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(dict(row)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if self._tensorboard:
+            if self._tb_log is None:
+                from fedbayes.tensorboard import RunLog
+
+                self._tb_log = RunLog(self.dir, self.config, int(row["round"]))
+            self._tb_log.add_round(row)
 
     def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
         data = "".join(json.dumps(r) + "\n" for r in rows).encode()

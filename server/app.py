@@ -11,6 +11,9 @@ bound, with the in-process engine's layout (config.json, metrics.jsonl, posterio
 checkpoint and the run config are verified first (a damaged checkpoint or another experiment's config stops
 the run with a clear error and leaves the folder as it was), then the rule's state is restored and the run
 goes on from the checkpoint's round + 1 to ``rounds``, appending to that folder's metrics.
+
+What it prints (:mod:`server.logs`): the run, one line per round with its metrics, where the results are; Flower's
+own INFO lines only with ``verbose = true``; no colour codes unless on a terminal (and never with ``NO_COLOR``).
 """
 
 from __future__ import annotations
@@ -46,9 +49,11 @@ def main(grid: Grid, context: Context) -> None:
     from fedbayes.engine import Federation
     from fedbayes.results import CheckpointError, ResultsWriter
     from fedbayes.resume import load_resume, prepare_folder
+    from server.logs import configure_server_logging
     from server.runconfig import experiment_from_run_config
     from server.strategy import FedBayesStrategy
 
+    configure_server_logging(context.run_config.get("verbose") is True)  # before anything is logged
     exp, opts = experiment_from_run_config(context.run_config)  # ConfigError naming the key: nothing touched yet
     resume = None
     if opts.resume_from is not None:
@@ -60,8 +65,8 @@ def main(grid: Grid, context: Context) -> None:
                  out)
     else:
         out = opts.out_dir.resolve()
-        log.info("fedbayes: %s on %s, %d clients, %d rounds, preset %s -> %s", exp.run.algorithm, exp.run.dataset,
-                 exp.run.num_clients, exp.run.rounds, opts.preset or "none", out)
+        log.info("fedbayes: %s on %s, %d clients, %d rounds, %s -> %s", exp.run.algorithm, exp.run.dataset,
+                 exp.run.num_clients, exp.run.rounds, opts.preset_line(), out)
     fed = Federation.build(exp, out if exp.run.store == "disk" else None, opts.data_dir)
     if resume is not None:
         try:

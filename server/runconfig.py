@@ -9,7 +9,8 @@ lists every key, laid out as:
 * each algorithm's hyperparameters in its own table, ``<algorithm>.<key>`` (``bayes-admm.rho``,
   ``fedprox.mu``); only the chosen algorithm's table is used, but every table is checked;
 * a few keys that only the Flower app reads (:data:`FLOWER_KEYS`: ``preset``, ``out-dir``, ``data-dir``,
-  ``node-wait-s``, ``resume-from``); they never reach :func:`fedbayes.config.resolve`.  (The round deadline is
+  ``node-wait-s``, ``resume-from``, ``resolved-preset``, ``verbose``); they never reach
+  :func:`fedbayes.config.resolve`.  (The round deadline is
   the run key ``round-timeout``.)
 
 The empty string means "unset" (TOML has no null).  ``preset`` says what an unset key takes, exactly as
@@ -65,8 +66,12 @@ FLOWER_KEYS: dict[str, Any] = {
     "data-dir": UNSET,
     "node-wait-s": 60.0,
     "resume-from": UNSET,
+    "resolved-preset": UNSET,
+    "verbose": False,
 }
-"""Keys only the Flower app reads, with their defaults."""
+"""Keys only the Flower app reads, with their defaults.  ``resolved-preset`` names the preset a command already
+applied to the keys it sends (``fedbayes run --engine flower`` sends every key with ``preset = ""``), for the
+ServerApp's first line only; ``verbose`` shows Flower's own INFO output (:mod:`server.logs`)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,10 @@ class FlowerOptions:
     preset
         The run config's ``preset`` (``"auto"``, a name, or None for ``""``); after :func:`split_run_config`,
         the preset the run was resolved with (None: none).
+    resolved_preset
+        The preset the submitting command applied itself (``resolved-preset``; None: none or not said).
+    verbose
+        Show Flower's own INFO lines (``verbose``; default: only fedbayes' headline lines, :mod:`server.logs`).
     """
 
     out_dir: Path
@@ -94,6 +103,17 @@ class FlowerOptions:
     node_wait_s: float
     resume_from: Path | None = None
     preset: str | None = None
+    resolved_preset: str | None = None
+    verbose: bool = False
+
+    def preset_line(self) -> str:
+        """How the ServerApp's first line names the preset: ``preset digits-10-het``, ``preset digits-10-het
+        (resolved by the command)`` or ``preset none``."""
+        if self.preset:
+            return f"preset {self.preset}"
+        if self.resolved_preset:
+            return f"preset {self.resolved_preset} (resolved by the command)"
+        return "preset none"
 
 
 def _config_error(msg: str) -> Exception:
@@ -128,12 +148,20 @@ def _options(cfg: Mapping[str, Any]) -> FlowerOptions:
     preset = vals["preset"]
     if not isinstance(preset, str):
         raise _config_error(f"run config 'preset' must be \"auto\", a preset name or \"\" (none), got {preset!r}")
+    resolved = vals["resolved-preset"]
+    if not isinstance(resolved, str):
+        raise _config_error(f"run config 'resolved-preset' must be a preset name or \"\", got {resolved!r}")
+    verbose = vals["verbose"]
+    if not isinstance(verbose, bool):
+        raise _config_error(f"run config 'verbose' must be true or false, got {verbose!r}")
     return FlowerOptions(
         out_dir=Path(out).expanduser(),
         data_dir=Path(data).expanduser() if data.strip() else None,
         node_wait_s=_number("node-wait-s", vals["node-wait-s"], minimum=0.0),
         resume_from=Path(resume).expanduser() if resume.strip() else None,
         preset=preset.strip() or None,
+        resolved_preset=resolved.strip() or None,
+        verbose=verbose,
     )
 
 

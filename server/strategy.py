@@ -157,7 +157,7 @@ class FedBayesStrategy(Strategy):
         """One message per chosen client, to the node holding its partition, with the client's own prior."""
         server_round = self.absolute(server_round)
         if self.start_round > 1:
-            log.info("fedbayes round %d of %d", server_round, self.exp.run.rounds)
+            log.info("round %d of %d", server_round, self.exp.run.rounds)
         self.book.refresh(grid)
         flight = _Flight(Round(self.fed, server_round))
         for c in flight.round.chosen:
@@ -245,5 +245,6 @@ class FedBayesStrategy(Strategy):
         row = flight.round.row(lambda: self.wall_before + time.perf_counter() - self.t_start)
         record_round(self.writer, self.fed.rule, row, self.rows)
         shown = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        log.info("round %d: %s", server_round, ", ".join(f"{k}={v:.4g}" for k, v in shown.items() if k != "round"))
+        log.info("fedbayes: round %d: %s", server_round,
+                 ", ".join(f"{k}={v:.4g}" for k, v in shown.items() if k != "round"))
         return MetricRecord({k: float(v) for k, v in shown.items() if math.isfinite(float(v))})

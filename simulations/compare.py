@@ -306,6 +306,17 @@ def reported_predictions(preset: Preset, names: Sequence[str], sets: dict[str, A
     return out
 
 
+def log_table_to_tensorboard(folders: dict[str, list[Path]], md: Path, out_dir: Path) -> Path | None:
+    """Add ``table.md`` as text to ``out_dir/tensorboard`` when the runs logged to TensorBoard (any run folder has
+    a ``tensorboard/``, run key ``tensorboard``), so ``tensorboard --logdir out_dir`` shows the runs side by side
+    with the table; returns that folder, or None when nothing was written."""
+    from fedbayes.tensorboard import SUBDIR, available, log_table
+
+    if not available() or not any((Path(f) / SUBDIR).is_dir() for runs in folders.values() for f in runs):
+        return None
+    return log_table(out_dir, md.read_text())
+
+
 def summarize(folders: dict[str, list[Path]], out_dir: Path, title: str = "",
               reported: dict[str, str] | None = None) -> dict[str, Any]:
     """table.md, table.csv, summary.json and the plots of a comparison.  ``title``: the preset's name; anything
@@ -314,6 +325,7 @@ def summarize(folders: dict[str, list[Path]], out_dir: Path, title: str = "",
     table = aggregate_runs(folders, reported)
     heading = _heading(title, run_settings(folders))
     md, csv_p = write_tables(table, out_dir, heading)
+    log_table_to_tensorboard(folders, md, out_dir)
     plots = plot_curves(folders, out_dir, heading)
     (out_dir / "summary.json").write_text(json.dumps(table, indent=1) + "\n")
     return {"table": table, "md": md, "csv": csv_p, "plots": plots}

@@ -54,6 +54,8 @@ def run_flower_simulation(
     echo: bool = True,
     keep_logs: Path | None = None,
     resume: bool = False,
+    verbose: bool = False,
+    preset: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run an experiment through Flower's simulation runtime; return the metrics rows from ``out_dir``.
 
@@ -73,7 +75,13 @@ def run_flower_simulation(
     timeout_s
         Stop everything and raise after this long (default: no limit).
     echo
-        Stream Flower's output to stdout.
+        Stream Flower's output to stdout: the run, one line per round with its metrics, where the results are,
+        warnings and errors; no colour codes unless stdout is a terminal (never with ``NO_COLOR``).
+    verbose
+        Show Flower's own INFO output too (the ServerApp's run-config key ``verbose``).
+    preset
+        The preset ``flat_config`` was resolved from, for the ServerApp's first line (run-config key
+        ``resolved-preset``; every key is sent, so the ServerApp applies no preset itself).
     keep_logs
         Copy the SuperLink and ``flwr run`` logs to this folder.
     resume
@@ -102,7 +110,8 @@ def run_flower_simulation(
         raise ValueError(f"client resources must be num_cpus > 0 and num_gpus >= 0, got {num_cpus}, {num_gpus}")
     out = Path(out_dir).resolve()
     app = (app_dir or project_root()).resolve()
-    flower_opts: dict[str, Any] = {"out-dir": str(out), "node-wait-s": 30.0}
+    flower_opts: dict[str, Any] = {"out-dir": str(out), "node-wait-s": 30.0, "verbose": verbose,
+                                   "resolved-preset": preset or ""}
     if resume:
         flower_opts["resume-from"] = str(out)
     overrides = run_config_overrides(exp.to_flat(), flower_opts)
@@ -123,7 +132,8 @@ def run_flower_simulation(
             wait_healthy(f"http://127.0.0.1:{port}/health", link)
             link.snapshot()
             rc = flwr_run(app, "fedbayes-sim", env, tmp / "flwr-run.log", run_config=tmp / "run-config.toml",
-                          federation_config=fed_cfg, timeout_s=timeout_s, echo=echo)
+                          federation_config=fed_cfg, timeout_s=timeout_s, echo=echo,
+                          verbose=verbose)
             link.snapshot()
         finally:
             stop_process(link)

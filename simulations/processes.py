@@ -1,10 +1,12 @@
 """Real processes for Flower runs and tests: start them with their own logs, find their descendants through
 ``/proc``, stop them **by PID** (SIGTERM, then SIGKILL), wait for a health endpoint; ``flwr`` CLI homes, free
-ports and SuperNode key pairs; and ``flwr run`` itself (:func:`flwr_run`)."""
+ports and SuperNode key pairs; and ``flwr run`` itself (:func:`flwr_run`), whose echoed output
+:class:`EchoFilter` keeps short and colourless off a terminal."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "EchoFilter",
     "FlowerRunError",
     "Proc",
     "alive",
@@ -225,10 +228,13 @@ def wait_healthy(url: str, proc: Proc | None = None, timeout: float = 60.0,
 
 def flwr_run(app_dir: Path, connection: str, env: Mapping[str, str], log_path: Path, *,
              run_config: Path | None = None, federation_config: str | None = None,
-             timeout_s: float | None = None, echo: bool = False, extra_args: Sequence[str] = ()) -> int:
+             timeout_s: float | None = None, echo: bool = False, extra_args: Sequence[str] = (),
+             verbose: bool = True) -> int:
     """``flwr run APP CONNECTION [--run-config FILE] [--federation-config …] --stream``; returns its exit code.
 
-    The output goes to ``log_path`` (and to stdout with ``echo``).  On timeout the command is stopped by PID.
+    The output goes, whole, to ``log_path``; with ``echo`` also to stdout, without colour codes unless stdout is
+    a terminal (and ``NO_COLOR`` is unset), and with ``verbose=False`` only fedbayes' headline lines, warnings and
+    errors (:class:`EchoFilter`).  On timeout the command is stopped by PID.
     """
     args = [flower_bin("flwr"), "run", str(app_dir), connection, "--stream"]
     if run_config is not None:
@@ -238,32 +244,96 @@ def flwr_run(app_dir: Path, connection: str, env: Mapping[str, str], log_path: P
     args += list(extra_args)
     proc = start_process(log_path.stem, args, env, log_path.parent, cwd=app_dir)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    pos = 0
+    shown = EchoFilter(verbose=verbose, colour=_colour_ok(sys.stdout)) if echo else None
     try:
         while proc.popen.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
                 raise FlowerRunError(f"flwr run did not finish within {timeout_s:.0f} s:\n{proc.log_tail()}")
             time.sleep(0.5)
-            if echo:
-                pos = _echo(log_path, pos)
+            if shown is not None:
+                shown.follow(log_path)
     finally:
         stop_process(proc, timeout=10.0)
-        if echo:
-            _echo(log_path, pos)
+        if shown is not None:
+            shown.follow(log_path, final=True)
     return int(proc.popen.returncode)
 
 
-def _echo(path: Path, pos: int) -> int:
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+"""An ANSI escape sequence (colours: ``ESC[92m``, ``ESC[0m``)."""
+LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s+")
+"""The level prefix of a line from Flower's console handler (``INFO :      message``)."""
+FLOWER_NOISE = ("Since flwr 1.32, default simulated SuperNodes changed",)
+"""Flower warnings printed on every run that say nothing about this one (the federation size is always given)."""
+
+
+def _colour_ok(stream: Any) -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
     try:
-        with open(path, "rb") as fh:
-            fh.seek(pos)
-            chunk = fh.read()
-    except OSError:
-        return pos
-    if chunk:
-        sys.stdout.write(chunk.decode(errors="replace"))
-        sys.stdout.flush()
-    return pos + len(chunk)
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class EchoFilter:
+    """What ``fedbayes run --engine flower`` shows of the ``flwr run --stream`` output (the log file keeps all).
+
+    ``colour=False`` strips ANSI escape codes.  ``verbose=False`` keeps only the lines that say something about
+    this run: fedbayes' headline lines (``fedbayes: …``, shown without Flower's level prefix), warnings (but
+    :data:`FLOWER_NOISE`), errors and tracebacks; the CLI's and the simulation's own INFO lines, and Ray's tips,
+    are dropped.  The ServerApp already holds Flower's INFO chatter back (:mod:`server.logs`).
+    """
+
+    def __init__(self, *, verbose: bool, colour: bool, out: IO[str] | None = None) -> None:
+        self.verbose = verbose
+        self.colour = colour
+        self.out = out
+        self.pos = 0
+        self._partial = b""
+        self._traceback = False
+
+    def lines(self, text: str) -> list[str]:
+        """The lines of ``text`` (whole lines, no newline) to show."""
+        out = []
+        for raw in text.splitlines():
+            plain = ANSI.sub("", raw)
+            if self.verbose:
+                out.append(raw if self.colour else plain)
+                continue
+            m = LEVEL.match(plain)
+            level, msg = (m.group(1), plain[m.end():]) if m else (None, plain)
+            if plain.startswith("Traceback (most recent call last)"):
+                self._traceback = True
+            elif self._traceback and not (plain.startswith((" ", "\t")) or not plain.strip()):
+                self._traceback = False
+                out.append(plain)  # the exception line that ends the traceback
+                continue
+            if self._traceback:
+                out.append(plain)
+            elif msg.startswith("fedbayes: "):
+                out.append(msg)
+            elif level in ("WARNING", "ERROR", "CRITICAL") and not msg.startswith(FLOWER_NOISE):
+                out.append(raw if self.colour else plain)
+        return out
+
+    def follow(self, path: Path, *, final: bool = False) -> None:
+        """Show what was appended to ``path`` since the last call (a last partial line only when ``final``)."""
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(self.pos)
+                chunk = fh.read()
+        except OSError:
+            return
+        self.pos += len(chunk)
+        data = self._partial + chunk
+        cut = len(data) if final else data.rfind(b"\n") + 1
+        self._partial = data[cut:]
+        shown = self.lines(data[:cut].decode(errors="replace"))
+        if shown:
+            out = self.out or sys.stdout
+            out.write("".join(line + "\n" for line in shown))
+            out.flush()
 
 
 # ------------------------------------------------------------------------------------------ simulation
