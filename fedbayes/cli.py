@@ -16,11 +16,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
+
+
+def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys the command line sets explicitly (options and ``--set``), without any preset."""
+    from fedbayes.config import parse_sets
+
+    explicit: dict[str, Any] = {}
+    for key, val in (("algorithm", args.algorithm), ("dataset", args.dataset), ("model", args.model),
+                     ("num-clients", args.clients), ("partition", args.partition), ("rounds", args.rounds),
+                     ("seed", args.seed), ("device", args.device)):
+        if val is not None:
+            explicit[key] = val
+    if getattr(args, "engine", None) in ("sequential", "batched"):  # the in-process engine's client path
+        explicit["client-engine"] = args.engine
+    explicit.update(parse_sets(args.set))
+    return explicit
 
 
 def _flat_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str | None, str | None]:
@@ -31,21 +48,13 @@ def _flat_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str | Non
     then the explicit options and ``--set`` on top.  ``--config FILE`` is a resolved run: no default preset
     (an explicit ``--preset`` still goes on top of the file, as before), then the options.
     """
-    from fedbayes.config import load_config_file, parse_sets
+    from fedbayes.config import load_config_file
     from simulations.presets import AUTO, apply_preset
 
     flat: dict[str, Any] = {}
     if args.config:
         flat.update(load_config_file(args.config))
-    explicit: dict[str, Any] = {}
-    for key, val in (("algorithm", args.algorithm), ("dataset", args.dataset), ("model", args.model),
-                     ("num-clients", args.clients), ("partition", args.partition), ("rounds", args.rounds),
-                     ("seed", args.seed), ("device", args.device)):
-        if val is not None:
-            explicit[key] = val
-    if getattr(args, "engine", None) in ("sequential", "batched"):  # the in-process engine's client path
-        explicit["client-engine"] = args.engine
-    explicit.update(parse_sets(args.set))
+    explicit = _explicit(args)
     if args.config and not args.preset:
         return {**flat, **explicit}, None, None
     if "algorithm" in flat and "algorithm" not in explicit:
@@ -63,23 +72,75 @@ def _flat_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str | Non
     return {**flat, **resolved}, line, used
 
 
+def _summary(rows: list[dict[str, Any]]) -> str:
+    """The last round's test (or validation) metrics on one line: what ``run`` prints at the end."""
+    last = rows[-1]
+    keys = [k for k in last if k.startswith(("test_", "bma_test_", "val_", "bma_val_"))]
+    return " ".join(f"{k}={last[k]:.4f}" for k in keys)
+
+
+def _interrupted(out: Path) -> int:
+    """Ctrl-C during ``run``: say which round the checkpoint holds and how to continue; exit status 130."""
+    try:
+        meta = json.loads((out / "checkpoint" / "meta.json").read_text())
+        done, total = int(meta["round"]), int(meta["config"]["rounds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"[fedbayes] interrupted before the first checkpoint: nothing to continue in {out}; start again with "
+              "the same command and --overwrite", file=sys.stderr)
+        return 130
+    print(f"[fedbayes] interrupted: the checkpoint in {out} holds round {done} of {total}; continue with: "
+          f"fedbayes run --resume {shlex.quote(str(out))}", file=sys.stderr)
+    return 130
+
+
+def _resume(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``run --resume DIR``: the checkpoint's config is the run; an explicit option or ``--set`` that differs from
+    it is refused (:func:`fedbayes.resume.load_resume`; only :data:`fedbayes.resume.MAY_CHANGE` may change)."""
+    from fedbayes.config import ConfigError, resolve
+    from fedbayes.engine import run_experiment
+    from fedbayes.resume import MAY_CHANGE, load_resume, refuse_changes
+
+    folder = Path(args.resume)
+    explicit = _explicit(args)
+    sets = "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in explicit.items())
+    new = f"fedbayes run --config {shlex.quote(str(folder / 'config.json'))}{sets} --out NEW"
+    if args.config or args.preset:
+        raise ConfigError(f"--resume continues the run in {folder} with its own config; --config and --preset start "
+                          f"a new run. To start a new run from that run's config: {new}")
+    if args.out and Path(args.out).resolve() != folder.resolve():
+        raise ConfigError(f"--resume continues the run in {folder} and writes there; --out {args.out} is not used. "
+                          f"Drop --out, or to start a new run from that run's config: {new}")
+    have = load_resume(folder).exp.to_flat()  # a damaged checkpoint: CheckpointError, nothing written
+    advice = (f"--resume continues the run as it was made (only {list(MAY_CHANGE)} may change): drop those options "
+              f"to continue it, or start a new run from its config: {new}")
+    try:
+        want = resolve({**have, **explicit})
+    except ConfigError:  # e.g. another algorithm (the checkpoint's algorithm keys do not fit it): name the options
+        refuse_changes(folder, {**have, **{k: v for k, v in explicit.items() if str(v) != str(have.get(k))}}, have,
+                       advice)
+        raise
+    cont = load_resume(folder, want, advice=advice)
+    if args.engine == "flower":
+        from simulations.flower_engine import run_flower_simulation
+
+        saved = cont.exp.to_flat()
+        return run_flower_simulation(saved, folder, num_supernodes=int(saved["num-clients"]),
+                                     num_cpus=args.client_cpus, num_gpus=args.client_gpus, resume=True,
+                                     verbose=args.verbose)
+    return run_experiment({"rounds": cont.exp.run.rounds}, folder, resume=True, progress=not args.quiet)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedbayes.config import resolve
     from fedbayes.engine import run_experiment
+    from fedbayes.results import check_new_run
 
     if args.resume:
-        if args.engine == "flower":
-            from fedbayes.resume import load_resume
-            from simulations.flower_engine import run_flower_simulation
-
-            # the checkpoint (verified here, before Flower starts) says what the run is; the ServerApp checks again
-            saved = load_resume(Path(args.resume), rounds=args.rounds).exp.to_flat()
-            rows = run_flower_simulation(saved, Path(args.resume), num_supernodes=int(saved["num-clients"]),
-                                         num_cpus=args.client_cpus, num_gpus=args.client_gpus, resume=True,
-                                         verbose=args.verbose)
-        else:
-            rows = run_experiment({"rounds": args.rounds or 1}, args.resume, resume=True, progress=not args.quiet)
-        print(json.dumps(rows[-1]))
+        try:
+            rows = _resume(args)
+        except KeyboardInterrupt:
+            return _interrupted(Path(args.resume))
+        print(_summary(rows))
         print(f"[fedbayes] resumed run in {args.resume}")
         return 0
     flat, line, used = _flat_from_args(args)
@@ -87,17 +148,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if line:
         print(line, flush=True)
     out = Path(args.out or f"runs/{exp.run.algorithm}-{exp.run.dataset}-s{exp.run.seed}")
-    if args.engine == "flower":
-        from simulations.flower_engine import run_flower_simulation
+    check_new_run(out, args.overwrite, flag="--overwrite")  # a run there: refused, or (--overwrite) removed
+    try:
+        if args.engine == "flower":
+            from simulations.flower_engine import run_flower_simulation
 
-        rows = run_flower_simulation(exp.to_flat(), out, num_supernodes=exp.run.num_clients,
-                                     num_cpus=args.client_cpus, num_gpus=args.client_gpus, verbose=args.verbose,
-                                     preset=used)
-    else:
-        rows = run_experiment(exp, out, progress=not args.quiet)
-    last = rows[-1]
-    keys = [k for k in last if k.startswith(("test_", "bma_test_", "val_", "bma_val_"))]
-    print(" ".join(f"{k}={last[k]:.4f}" for k in keys))
+            rows = run_flower_simulation(exp.to_flat(), out, num_supernodes=exp.run.num_clients,
+                                         num_cpus=args.client_cpus, num_gpus=args.client_gpus, verbose=args.verbose,
+                                         preset=used)
+        else:
+            rows = run_experiment(exp, out, progress=not args.quiet)
+    except KeyboardInterrupt:
+        return _interrupted(out)
+    print(_summary(rows))
     print(f"[fedbayes] results in {out}")
     return 0
 
@@ -115,8 +178,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         sets["rounds"] = args.rounds
     out = Path(args.out or f"runs/compare-{preset.name}")
     out.mkdir(parents=True, exist_ok=True)
-    folders = run_grid(preset, algos, seeds, out, sets=sets, jobs=args.jobs, centralized=not args.no_centralized,
-                       progress=not args.quiet)
+    try:
+        folders = run_grid(preset, algos, seeds, out, sets=sets, jobs=args.jobs,
+                           centralized=not args.no_centralized, progress=not args.quiet, force=args.force)
+    except KeyboardInterrupt:
+        again = shlex.join(["fedbayes", *getattr(args, "argv", [])])
+        print(f"[fedbayes] interrupted: finished runs and the others' checkpoints are kept in {out}; continue with "
+              f"the same command: {again}", file=sys.stderr)
+        return 130
     res = summarize(folders, out, title=f"{preset.name}: {preset.description}",
                     reported=reported_predictions(preset, list(folders), sets))
     print(Path(res["md"]).read_text())
@@ -291,13 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--client-gpus", type=float, default=0.0, help="flower engine: GPU fraction per ClientApp")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     r.add_argument("--out", metavar="DIR", help="the results folder (default runs/ALGORITHM-DATASET-sSEED)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (default: refused; --resume continues it)")
     r.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     r.set_defaults(fn=cmd_run)
 
     c = sub.add_parser("compare", help="run a preset's algorithms × seeds and write tables and plots",
                        description="Run a preset's algorithms × seeds (and the pooled-data rows centralized and "
                                    "centralized-ivon), then write table.md, table.csv and accuracy/NLL plots. "
-                                   "Finished runs in the output folder are reused.")
+                                   "Finished runs in the output folder with the same settings are reused, "
+                                   "unfinished ones continued; runs made with other settings are refused unless "
+                                   "--force.")
     c.add_argument("--preset", required=True, type=_preset_type(),
                    help=f"a preset name ({presets}) or TOML file; `fedbayes presets` describes them")
     c.add_argument("--algorithms", type=_algorithm_list, metavar="A[,A…]",
@@ -308,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes, one torch thread each)")
     c.add_argument("--no-centralized", action="store_true", help="leave out the pooled-data rows")
     c.add_argument("--out", metavar="DIR", help="the comparison folder (default runs/compare-PRESET)")
+    c.add_argument("--force", action="store_true",
+                   help="rerun the runs in --out made with other settings (default: refused, naming the keys)")
     c.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     c.set_defaults(fn=cmd_compare)
 
@@ -355,11 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns its exit status (0; 2 for bad input, also argparse's: nothing raises SystemExit)."""
+    """Run the command; returns its exit status (0; 2 for bad input, also argparse's: nothing raises SystemExit;
+    130 for Ctrl-C)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version (0) and argparse's usage errors (2, message already printed)
         return e.code if isinstance(e.code, int) else 2
+    args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from fedbayes.config import ConfigError
 
@@ -370,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # a command's own option parser (bench NAME OPTIONS): message already printed
         return e.code if isinstance(e.code, int) else 2
+    except KeyboardInterrupt:  # Ctrl-C outside a run's rounds (run and compare say how to continue themselves)
+        print("[fedbayes] interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

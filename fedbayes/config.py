@@ -371,7 +371,8 @@ def parse_sets(items: list[str] | None) -> dict[str, str]:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a flat ``config.json`` written by a run."""
+    """Read a flat ``config.json`` written by a run, without its reserved ``provenance`` entry (what made the run,
+    :mod:`fedbayes.provenance`: not a configuration key)."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
@@ -379,6 +380,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {p}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a JSON object")
-    return data
+    return {k: v for k, v in data.items() if k != "provenance"}
 
 

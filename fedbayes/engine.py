@@ -30,7 +30,8 @@ from fedbayes.data import Dataset, load_dataset, partition, pool, split_summary
 from fedbayes.data.validation import ValidationSet, split_validation
 from fedbayes.models import build_model
 from fedbayes.protocol import execute
-from fedbayes.results import ResultsWriter, atomic_write_bytes, checkpoint_files
+from fedbayes.provenance import strip
+from fedbayes.results import ResultsWriter, atomic_write_bytes, check_new_run, checkpoint_files
 from fedbayes.resume import load_resume, prepare_folder
 from fedbayes.rounds import Round, record_round
 
@@ -230,6 +231,7 @@ def run_experiment(
     *,
     progress: bool = True,
     resume: bool = False,
+    overwrite: bool = False,
     data_dir: Path | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     fail: Callable[[int, int], bool] | None = None,
@@ -240,12 +242,16 @@ def run_experiment(
     Parameters
     ----------
     exp
-        A resolved experiment or a flat config mapping.
+        A resolved experiment or a flat config mapping (a run's ``config.json``: its ``provenance`` is ignored).
     out_dir
         The results folder (None: keep nothing on disk).
     resume
         Continue from ``out_dir/checkpoint`` (:mod:`fedbayes.resume`: its config wins; ``exp.rounds`` may extend
         the run).
+    overwrite
+        ``out_dir`` may hold a run (:func:`fedbayes.results.holds_run`): remove it first.  Without it such a
+        folder is refused with :class:`fedbayes.results.RunExistsError` before anything is written, so a library
+        call never destroys results silently (a resumed run continues its folder; this does not apply).
     on_round
         Called with each round's metrics row once the round is recorded; an exception it raises (e.g.
         ``optuna.TrialPruned`` from ``fedbayes tune``) stops the run and propagates.
@@ -255,7 +261,7 @@ def run_experiment(
         Stop after this round while keeping the configured ``rounds`` (a later resume continues exactly).
     """
     if not isinstance(exp, Experiment):
-        exp = resolve(exp)
+        exp = resolve(strip(exp))  # a config.json as written (its provenance is not a config key) is a config
     out = Path(out_dir) if out_dir is not None else None
     start_round, rows = 1, []
     cont = None
@@ -264,6 +270,8 @@ def run_experiment(
             raise ValueError("resume needs the run folder")
         cont = load_resume(out, rounds=exp.run.rounds)  # the checkpoint's config, extended to exp's rounds
         exp, start_round, rows = cont.exp, cont.start_round, list(cont.rows)
+    elif out is not None:
+        check_new_run(out, overwrite)  # RunExistsError before anything is touched; overwrite: the old run removed
     fed = Federation.build(exp, out, data_dir)
     if cont is not None:
         cont.load_into(fed.rule)

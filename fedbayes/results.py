@@ -1,6 +1,7 @@
 """The results folder of a run (DESIGN §6), written the same way by every engine.
 
-``config.json``            the resolved flat configuration (``fedbayes run --config`` reproduces the run)
+``config.json``            the resolved flat configuration (``fedbayes run --config`` reproduces the run) and, under
+                           the reserved key ``provenance``, what made it (:mod:`fedbayes.provenance`)
 ``metrics.jsonl``          one JSON object per evaluated round
 ``tensorboard/``           the same rows as TensorBoard scalars, and the config as hyperparameters (run key
                            ``tensorboard``, :mod:`fedbayes.tensorboard`)
@@ -16,6 +17,11 @@ state changed since the last one (:meth:`fedbayes.algorithms.store.ClientStore.d
 index in ``meta.json`` says which file is each client's.  ``meta.json`` is replaced last, atomically, and the files
 it no longer names are deleted only after that, so a kill at any instant leaves the previous or the new checkpoint
 whole.  With ``store = "disk"`` the client store *is* ``checkpoint/clients/`` (its writes are the checkpoint's).
+
+**No silent overwrite.**  A folder that holds a run (:func:`holds_run`: ``config.json``, ``metrics.jsonl`` or
+``checkpoint/``) is refused by :func:`check_new_run` with :class:`RunExistsError` unless the caller asks to
+overwrite; then :func:`clear_run` removes that run's files (only the files a run writes) before the new run
+starts, so no stale checkpoint or client file of the old run survives beside the new one.
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a crash leaves
 either the old or the new version, never half of one.  No pickle anywhere.
@@ -35,13 +41,16 @@ from torch import Tensor
 
 from fedbayes.algorithms.store import ClientFiles, ClientStore, DiskStore, MemoryStore, StoreError
 from fedbayes.gaussian import DiagGaussian
+from fedbayes.provenance import PROVENANCE, strip
+from fedbayes.provenance import provenance as made_now
 
 if TYPE_CHECKING:
     from fedbayes.algorithms.base import Algorithm
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "CheckpointError", "ResultsWriter", "atomic_write_bytes", "checkpoint_files",
-    "load_checkpoint", "read_metrics", "read_posterior", "run_fingerprint",
+    "CHECKPOINT_FORMAT", "CheckpointError", "ResultsWriter", "RunExistsError", "atomic_write_bytes", "check_new_run",
+    "checkpoint_files", "clear_run", "holds_run", "load_checkpoint", "read_metrics", "read_posterior",
+    "run_fingerprint",
 ]
 
 CHECKPOINT_FORMAT = 2
@@ -78,6 +87,66 @@ class CheckpointError(ValueError):
     """A missing, truncated or corrupted checkpoint."""
 
 
+class RunExistsError(ValueError):
+    """The results folder already holds a run, and the caller did not ask to overwrite it."""
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "posterior.safetensors", "split.json", "FAILED.txt")
+"""The files a run writes into its folder (besides ``checkpoint/``): what :func:`clear_run` removes."""
+
+
+def holds_run(folder: str | Path) -> bool:
+    """Whether ``folder`` holds (part of) a run: ``config.json``, ``metrics.jsonl`` or ``checkpoint/``."""
+    p = Path(folder)
+    return (p / "config.json").exists() or (p / "metrics.jsonl").exists() or (p / "checkpoint").exists()
+
+
+def check_new_run(folder: str | Path, overwrite: bool = False, *, flag: str = "overwrite=True") -> None:
+    """Refuse to start a new run in a folder that holds one (``overwrite``: remove that run first).
+
+    Raises
+    ------
+    RunExistsError
+        ``folder`` holds a run and ``overwrite`` is False; the message says how to continue it (``--resume``),
+        replace it (``flag``) or write elsewhere.  Nothing is touched.
+    """
+    p = Path(folder)
+    if not holds_run(p):
+        return
+    if not overwrite:
+        what = _describe(p)
+        raise RunExistsError(
+            f"{p} already holds a run ({what}). Use `fedbayes run --resume {p}` to continue it, {flag} to replace "
+            "it, or another output folder. Nothing was written")
+    clear_run(p)
+
+
+def _describe(p: Path) -> str:
+    bits = []
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+        bits.append(f"{cfg.get('algorithm')} on {cfg.get('dataset')}, {cfg.get('rounds')} rounds")
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        done = json.loads((p / "checkpoint" / "meta.json").read_text())["round"]
+        bits.append(f"checkpoint of round {done}")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return "; ".join(bits) or "config.json, metrics.jsonl or checkpoint/"
+
+
+def clear_run(folder: str | Path) -> None:
+    """Remove the run in ``folder``: :data:`RUN_FILES` and ``checkpoint/`` (nothing else in the folder)."""
+    import shutil
+
+    p = Path(folder)
+    for name in RUN_FILES:
+        (p / name).unlink(missing_ok=True)
+    if (p / "checkpoint").is_dir():
+        shutil.rmtree(p / "checkpoint")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then ``os.replace``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -105,21 +174,27 @@ def _sha256(path: Path) -> str:
 
 
 class ResultsWriter:
-    """Writes one run's folder; ``resume=True`` keeps what is there (and the checkpoint's client index)."""
+    """Writes one run's folder; ``resume=True`` keeps what is there (and the checkpoint's client index).
 
-    def __init__(self, out_dir: str | Path, config: Mapping[str, Any], *, resume: bool = False) -> None:
+    A new run's ``config.json`` is ``config`` plus ``provenance`` (default: :func:`fedbayes.provenance.provenance`
+    now); :attr:`config` (what the checkpoint records) is ``config`` alone."""
+
+    def __init__(self, out_dir: str | Path, config: Mapping[str, Any], *, resume: bool = False,
+                 provenance: Mapping[str, Any] | None = None) -> None:
         from fedbayes import tensorboard
 
         self._tensorboard = tensorboard.wanted(config.get("tensorboard", "auto"))  # ConfigError: nothing touched
         self._tb_log: tensorboard.RunLog | None = None
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.config = dict(config)
+        self.config = strip(config)
         self.last_checkpoint_bytes = 0
         """Bytes the last :meth:`write_checkpoint` wrote (global state, changed clients, meta)."""
         index = None
         if not resume:
-            atomic_write_bytes(self.dir / "config.json", (json.dumps(self.config, indent=2) + "\n").encode())
+            made = dict(provenance) if provenance is not None else made_now()
+            text = json.dumps({**self.config, PROVENANCE: made}, indent=2) + "\n"
+            atomic_write_bytes(self.dir / "config.json", text.encode())
             mpath = self.dir / "metrics.jsonl"
             if mpath.exists():
                 mpath.unlink()

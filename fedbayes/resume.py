@@ -15,8 +15,12 @@ round):
   checkpoint's count wins, as in the engine), ``round-timeout`` and ``store-cache-mb`` (deployment settings).
   Every other key must equal the checkpoint's, because the ClientApps rebuild their data and model from the run
   config they are given.
+* The command line uses the same comparison (:func:`load_resume` with ``exp`` = the checkpoint's config with the
+  explicit options on top, and ``advice`` saying how to start a new run from the old config instead).
 * :func:`prepare_folder` then cuts ``metrics.jsonl`` back to the checkpoint's rows (a crash between the metrics
-  append and the checkpoint write leaves one row too many) and rewrites ``config.json`` with the new ``rounds``.
+  append and the checkpoint write leaves one row too many) and rewrites ``config.json`` with the new ``rounds``,
+  keeping its ``provenance`` (what made the run) and appending one ``resumes`` entry
+  (:func:`fedbayes.provenance.resume_entry`).
 
 The ServerApp offsets Flower's round counter (``Strategy.start`` always counts from 1) by the checkpoint's round:
 see :class:`server.strategy.FedBayesStrategy` (``start_round``).
@@ -34,9 +38,10 @@ from torch import Tensor
 from fedbayes.algorithms import Algorithm
 from fedbayes.algorithms.store import DiskStore, StoreError
 from fedbayes.config import ConfigError, Experiment, resolve
+from fedbayes.provenance import PROVENANCE, resume_entry
 from fedbayes.results import CheckpointError, ResultsWriter, atomic_write_bytes, checkpoint_files, load_checkpoint
 
-__all__ = ["MAY_CHANGE", "Resume", "load_resume", "prepare_folder"]
+__all__ = ["MAY_CHANGE", "Resume", "changed_keys", "load_resume", "prepare_folder", "refuse_changes"]
 
 MAY_CHANGE = ("rounds", "round-timeout", "store-cache-mb")
 """Run keys a resumed run may set differently from the checkpoint's config."""
@@ -108,7 +113,26 @@ def _fail(folder: Path, why: str) -> CheckpointError:
     return CheckpointError(f"cannot resume from {folder}: {why}. Nothing was written; the folder is as it was")
 
 
-def load_resume(folder: Path, exp: Experiment | None = None, *, rounds: int | None = None) -> Resume:
+def changed_keys(want: dict[str, Any], have: dict[str, Any]) -> list[str]:
+    """The flat keys in which ``want`` differs from the checkpoint's ``have``, but for :data:`MAY_CHANGE`."""
+    return sorted(k for k in set(want) | set(have) if k not in MAY_CHANGE and want.get(k) != have.get(k))
+
+
+def refuse_changes(folder: Path, want: dict[str, Any], have: dict[str, Any], advice: str | None = None) -> None:
+    """Raise :class:`ConfigError` naming every key (new and checkpoint value) in which the flat ``want`` differs
+    from the checkpoint's ``have`` but for :data:`MAY_CHANGE`; ``advice`` says how to proceed."""
+    differ = changed_keys(want, have)
+    if differ:
+        shown = ", ".join(f"{k}={want.get(k)!r} (checkpoint: {have.get(k)!r})" for k in differ)
+        how = advice or f"Pass the original run's config; only {list(MAY_CHANGE)} may change"
+        raise ConfigError(
+            f"resuming {folder}: the run config describes another experiment than the checkpoint's: {shown}. "
+            f"{how}. Nothing was written"
+        )
+
+
+def load_resume(folder: Path, exp: Experiment | None = None, *, rounds: int | None = None,
+                advice: str | None = None) -> Resume:
     """Read and verify ``folder/checkpoint`` and check ``exp`` (from the run config) against it.
 
     Parameters
@@ -120,6 +144,8 @@ def load_resume(folder: Path, exp: Experiment | None = None, *, rounds: int | No
         but for :data:`MAY_CHANGE`.  None (the in-process engine, the CLI): the checkpoint's config is the run.
     rounds
         With ``exp`` None: extend the run to this many rounds (the larger of it and the checkpoint's count).
+    advice
+        What the refusal of another experiment tells the user to do (default: pass the original run's config).
 
     Raises
     ------
@@ -153,14 +179,7 @@ def load_resume(folder: Path, exp: Experiment | None = None, *, rounds: int | No
         total = max(int(rounds or 0), saved.run.rounds)
         return Resume(folder, resolve({**have, "rounds": total}), done, [dict(r) for r in rows], state,
                       meta.get("clients"))
-    want = exp.to_flat()
-    differ = sorted(k for k in set(want) | set(have) if k not in MAY_CHANGE and want.get(k) != have.get(k))
-    if differ:
-        shown = ", ".join(f"{k}={want.get(k)!r} (checkpoint: {have.get(k)!r})" for k in differ)
-        raise ConfigError(
-            f"resume-from {folder}: the run config describes another experiment than the checkpoint's: {shown}. "
-            f"Pass the original run's config; only {list(MAY_CHANGE)} may change. Nothing was written"
-        )
+    refuse_changes(folder, exp.to_flat(), have, advice)
     cont = resolve({**have, "rounds": max(exp.run.rounds, saved.run.rounds), "round-timeout": exp.run.round_timeout,
                     "store-cache-mb": exp.run.store_cache_mb})
     return Resume(folder, cont, done, [dict(r) for r in rows], state, meta.get("clients"))
@@ -170,10 +189,26 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def prepare_folder(resume: Resume) -> ResultsWriter:
+def prepare_folder(resume: Resume, provenance: dict[str, Any] | None = None) -> ResultsWriter:
     """The writer of the resumed run: ``metrics.jsonl`` cut back to the checkpoint's rows, ``config.json`` with the
-    continued experiment (as the engine's resume does)."""
+    continued experiment (as the engine's resume does), its provenance kept and a ``resumes`` entry appended
+    (``provenance``: extra fields of that entry, e.g. ``flower-run-id``)."""
     writer = ResultsWriter(resume.folder, resume.exp.to_flat(), resume=True)
     writer.rewrite_metrics(resume.rows)
-    _atomic_write_text(resume.folder / "config.json", json.dumps(writer.config, indent=2) + "\n")
+    made = _old_provenance(resume.folder)
+    made["resumes"] = [*made.get("resumes", []), resume_entry(resume.done, **(provenance or {}))]
+    _atomic_write_text(resume.folder / "config.json", json.dumps({**writer.config, PROVENANCE: made}, indent=2) + "\n")
     return writer
+
+
+def _old_provenance(folder: Path) -> dict[str, Any]:
+    """The provenance the folder's ``config.json`` records ({} if none: a run made before it was recorded)."""
+    try:
+        made = json.loads((folder / "config.json").read_text()).get(PROVENANCE)
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(made, dict):
+        return {}
+    if not isinstance(made.get("resumes", []), list):
+        made["resumes"] = []
+    return made

@@ -5,7 +5,8 @@ into fedbayes' flat config and the Flower-only keys by :func:`server.runconfig.s
 the ``preset``'s values, by default the dataset's preset, as ``fedbayes run`` does) and validated
 by :func:`fedbayes.config.resolve` before anything else happens: a bad key stops the run with an error naming
 it, and the results folder of an earlier run is not touched.  The folder is written only once the nodes are
-bound, with the in-process engine's layout (config.json, metrics.jsonl, posterior.safetensors, checkpoint/).
+bound, with the in-process engine's layout (config.json, metrics.jsonl, posterior.safetensors, checkpoint/);
+config.json's ``provenance`` (:mod:`fedbayes.provenance`) has the ServerApp's command line and Flower's run id.
 
 ``resume-from = "<folder>"`` continues the run whose checkpoint is in that folder (:mod:`fedbayes.resume`): the
 checkpoint and the run config are verified first (a damaged checkpoint or another experiment's config stops
@@ -47,6 +48,7 @@ def main(grid: Grid, context: Context) -> None:
     """
     from client.records import arrays_of
     from fedbayes.engine import Federation
+    from fedbayes.provenance import provenance
     from fedbayes.results import CheckpointError, ResultsWriter
     from fedbayes.resume import load_resume, prepare_folder
     from server.logs import configure_server_logging
@@ -84,7 +86,9 @@ def main(grid: Grid, context: Context) -> None:
         log.info("fedbayes: results in %s", out)
         return
     strategy.bind_nodes(grid, opts.node_wait_s)
-    strategy.writer = prepare_folder(resume) if resume is not None else ResultsWriter(out, exp.to_flat())
+    run_id = {"flower-run-id": int(context.run_id)}  # in config.json's provenance (fedbayes.provenance)
+    strategy.writer = (prepare_folder(resume, run_id) if resume is not None
+                       else ResultsWriter(out, exp.to_flat(), provenance=provenance(**run_id)))
     fed.write_split(out)  # split.json when the run has a validation set
     strategy.start(
         grid=grid,

@@ -52,10 +52,11 @@ def _compare(clients: int, work: Path) -> dict[str, Any]:
     torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
-        eng = run_experiment(flat, work / f"engine-{clients}", progress=False)
+        eng = run_experiment(flat, work / f"engine-{clients}", progress=False, overwrite=True)
         t_eng = time.perf_counter() - t0
         t0 = time.perf_counter()
-        bat = run_experiment({**flat, "client-engine": "batched"}, work / f"batched-{clients}", progress=False)
+        bat = run_experiment({**flat, "client-engine": "batched"}, work / f"batched-{clients}", progress=False,
+                             overwrite=True)
         t_bat = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)

@@ -60,7 +60,7 @@ def one(k: int, algorithm: str, rounds: int, per_round: int, store: str, dtype: 
         per_round_bytes.append(new + (ck / "state.safetensors").stat().st_size + (ck / "meta.json").stat().st_size)
 
     t0 = time.perf_counter()
-    rows = run_experiment(_config(k, algorithm, rounds, per_round, store, dtype), out, progress=False,
+    rows = run_experiment(_config(k, algorithm, rounds, per_round, store, dtype), out, progress=False, overwrite=True,
                           on_round=on_round)
     wall = time.perf_counter() - t0
     walls = [rows[0]["wall_s"]] + [b["wall_s"] - a["wall_s"] for a, b in itertools.pairwise(rows)]

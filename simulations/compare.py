@@ -11,8 +11,19 @@ settings: the tuned preset of 2026-11, γ = 0.05, γ = 0.05 with lr 1e-3, persis
 average had the lower NLL and the lower ECE in all four (e.g. 0.483 / 0.039 against the mean's 0.486 / 0.041);
 the mean's numbers stay in the table beside it.
 
-Runs that already finished (their ``metrics.jsonl`` has the last round) are reused, so an interrupted comparison
-continues where it stopped.
+**Reusing a folder** (:func:`plan_cells`).  Each cell's folder is reused only for the same settings: its
+``config.json`` (resolved, so keys added since get their defaults) must equal the cell's config but for
+:data:`IGNORED` (``reported-prediction`` changes no training; deployment settings) and ``rounds``.
+
+* same settings, finished (last round in ``metrics.jsonl``, ``posterior.safetensors``): reused as it is;
+* same settings, unfinished (a checkpoint): continued from the checkpoint (an interrupted comparison continues
+  where it stopped; rerun the same command);
+* same settings but more rounds asked than the run has: the run is extended from its checkpoint, as
+  ``fedbayes run --resume DIR --rounds N`` does (the learning-rate schedule follows the new ``rounds`` from there);
+* a ``FAILED.txt`` run, or one with no checkpoint: rerun from round 1;
+* other settings (or fewer rounds): **refused** before anything runs, naming each folder and key with the old and
+  new values, unless ``force`` (``fedbayes compare --force``), which reruns those cells from round 1 and replaces
+  their results.
 
 The table's title and the plots' titles say what the runs *were* — read from each run's resolved ``config.json``
 (:func:`run_settings`), never from the preset's description, whose numbers are the preset's defaults (a
@@ -33,23 +44,30 @@ from typing import Any
 
 import numpy as np
 
-from fedbayes.config import resolve
+from fedbayes.config import ConfigError, load_config_file, resolve
 from fedbayes.noise import share_cores
-from fedbayes.results import read_metrics
+from fedbayes.results import RunExistsError, holds_run, read_metrics
+from fedbayes.resume import MAY_CHANGE
 from simulations.presets import Preset, centralized_config, centralized_ivon_config
 
 __all__ = [
-    "aggregate_runs", "plot_curves", "reported_predictions", "run_grid", "run_settings", "summarize", "write_tables",
+    "IGNORED", "aggregate_runs", "plan_cells", "plot_curves", "reported_predictions", "run_grid", "run_settings",
+    "summarize", "write_tables",
 ]
 
 METRICS = ("test_accuracy", "test_nll", "test_ece", "test_brier")
 BMA = tuple(f"bma_{m}" for m in METRICS)
+IGNORED = ("reported-prediction", *(k for k in MAY_CHANGE if k != "rounds"))
+"""Keys in which a reused run may differ from the cell's config (they change no trained number)."""
+
+Cell = tuple[dict[str, Any], str, bool, str]
+"""(flat config, folder, progress, what to do: ``new`` | ``resume`` | ``overwrite``)."""
 
 
-def _run_one(args: tuple[dict[str, Any], str, bool]) -> str:
+def _run_one(args: Cell) -> str:
     """Run one grid cell; a run that fails (e.g. local training diverges) is recorded in ``FAILED.txt`` in its
     folder and reported in the table instead of aborting the whole comparison."""
-    cfg, out, progress = args
+    cfg, out, progress, how = args
     import torch
 
     from fedbayes.engine import run_experiment
@@ -58,7 +76,10 @@ def _run_one(args: tuple[dict[str, Any], str, bool]) -> str:
         torch.set_num_threads(int(os.environ["FEDBAYES_THREADS"]))
     (Path(out) / "FAILED.txt").unlink(missing_ok=True)
     try:
-        run_experiment(cfg, out, progress=progress)
+        if how == "resume":
+            run_experiment({"rounds": resolve(cfg).run.rounds}, out, progress=progress, resume=True)
+        else:
+            run_experiment(cfg, out, progress=progress, overwrite=how == "overwrite")
     except (FloatingPointError, ValueError, RuntimeError) as e:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "FAILED.txt").write_text(f"{type(e).__name__}: {e}\n")
@@ -66,11 +87,62 @@ def _run_one(args: tuple[dict[str, Any], str, bool]) -> str:
     return out
 
 
-def _done(out: Path, rounds: int) -> bool:
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the parent (which stops them): no traceback from every worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _plan(out: Path, want: dict[str, Any]) -> tuple[str, str]:
+    """What to do with cell folder ``out`` for the resolved flat config ``want``: (``done`` | ``new`` |
+    ``resume`` | ``overwrite`` | ``differs``, why — for ``differs`` the differing keys with both values)."""
     if (out / "FAILED.txt").exists():
-        return False  # retried (the configuration may have changed since)
+        return "overwrite", "failed before"
+    if not holds_run(out):
+        return "new", ""
+    try:
+        have = resolve(load_config_file(out / "config.json")).to_flat()
+    except (ConfigError, ValueError) as e:
+        return "differs", f"its config.json cannot be read as a config ({e})"
+    keys = sorted(k for k in set(want) | set(have) if k not in (*IGNORED, "rounds") and want.get(k) != have.get(k))
+    if want["rounds"] < have["rounds"]:
+        keys = sorted([*keys, "rounds"])
+    if keys:
+        return "differs", ", ".join(f"{k}={want.get(k)!r} (folder: {have.get(k)!r})" for k in keys)
     rows = read_metrics(out)
-    return bool(rows) and rows[-1].get("round") == rounds and (out / "posterior.safetensors").exists()
+    if rows and rows[-1].get("round") == want["rounds"] and (out / "posterior.safetensors").exists():
+        return "done", ""
+    if (out / "checkpoint" / "meta.json").exists():
+        return "resume", ""
+    return "overwrite", "no checkpoint"
+
+
+def plan_cells(cells: Sequence[tuple[dict[str, Any], Path]], force: bool = False) -> list[tuple[Path, str]]:
+    """What to do with each (flat config, folder) cell (see the module docstring); validates every config.
+
+    Raises
+    ------
+    ConfigError
+        A bad config (before anything runs).
+    RunExistsError
+        Folders hold runs made with other settings and ``force`` is False: every such folder and key is named
+        with the old and new values; nothing is touched.
+    """
+    plans, differ = [], []
+    for cfg, out in cells:
+        want = resolve(cfg).to_flat()
+        how, why = _plan(out, want)
+        if how == "differs":
+            differ.append(f"  {out}: {why}")
+            how = "overwrite"
+        plans.append((out, how))
+    if differ and not force:
+        raise RunExistsError(
+            f"{len(differ)} run folder(s) hold runs made with other settings than asked (new value, then the "
+            "folder's):\n" + "\n".join(differ) + "\nRerun with --force to rerun those runs from round 1 (their "
+            "results are replaced), or use another --out. Nothing was run")
+    return plans
 
 
 def run_grid(
@@ -82,11 +154,14 @@ def run_grid(
     jobs: int = 1,
     centralized: bool = True,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, list[Path]]:
     """Run every (algorithm, seed) and the two pooled-data rows, ``centralized`` (FedAvg's local settings: Adam)
     and ``centralized-ivon`` (IVON with the Bayesian rules' settings, with a posterior average;
-    :func:`simulations.presets.centralized_ivon_config`); returns run folders by row name."""
-    todo: list[tuple[dict[str, Any], str, bool]] = []
+    :func:`simulations.presets.centralized_ivon_config`); returns run folders by row name.  Folders are reused,
+    continued or refused as :func:`plan_cells` says (``force``: rerun the cells whose settings differ)."""
+    todo: list[Cell] = []
+    cells: list[tuple[dict[str, Any], Path]] = []
     folders: dict[str, list[Path]] = {}
     rows: list[tuple[str, dict[str, Any]]] = []
     for algo in algorithms:
@@ -101,13 +176,15 @@ def run_grid(
         exp = resolve(cfg)
         out = out_dir / name / f"seed-{exp.run.seed}"
         folders.setdefault(name, []).append(out)
-        if not _done(out, exp.run.rounds):
-            todo.append((cfg, str(out), progress and jobs == 1))
+        cells.append((cfg, out))
+    for (cfg, _), (out, how) in zip(cells, plan_cells(cells, force), strict=True):
+        if how != "done":
+            todo.append((cfg, str(out), progress and jobs == 1, how))
     if jobs > 1 and len(todo) > 1:
         os.environ.setdefault("FEDBAYES_THREADS", "1")
         share_cores(jobs, int(os.environ["FEDBAYES_THREADS"]))  # no spare core: no noise thread (fedbayes.noise)
         ctx = mp.get_context("spawn")
-        with ctx.Pool(jobs) as pool:
+        with ctx.Pool(jobs, initializer=_ignore_sigint) as pool:
             for done in pool.imap_unordered(_run_one, todo):
                 print(f"[fedbayes] finished {done}", flush=True)
     else:
@@ -124,7 +201,7 @@ def _last3(rows: list[dict[str, Any]], key: str) -> float:
 
 def _reported(runs: list[Path]) -> str:
     try:
-        return str(resolve(json.loads((runs[0] / "config.json").read_text())).run.reported_prediction)
+        return str(resolve(load_config_file(runs[0] / "config.json")).run.reported_prediction)
     except (OSError, ValueError, IndexError):
         return "posterior-average"
 

@@ -68,7 +68,7 @@ def engines(out: Path, *, device: str = "cuda", compare_rounds: int = 2, paper_r
     res["batched_over_sequential"] = res["batched"]["clients_per_s"] / res["sequential"]["clients_per_s"]
     if paper_rounds > 0:
         t0 = time.perf_counter()
-        rows = run_experiment(flat("batched", paper_rounds), out / "paper-batched", progress=False)
+        rows = run_experiment(flat("batched", paper_rounds), out / "paper-batched", progress=False, overwrite=True)
         wall = time.perf_counter() - t0
         last = rows[-1]
         res["paper_run"] = {"rounds": paper_rounds, "wall_s": wall, "test_accuracy": last.get("test_accuracy"),
@@ -102,7 +102,7 @@ def gpu_check(out: Path, *, clients: int = 4, rounds: int = 2, gpu_fraction: flo
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    eng = run_experiment(flat, out / "in-process", progress=False)
+    eng = run_experiment(flat, out / "in-process", progress=False, overwrite=True)
     t_eng = time.perf_counter() - t0
     print(f"[gpu-check] in-process engine, device cuda: {t_eng:.1f} s; "
           + ", ".join(f"round {r['round']} acc {r['test_accuracy']:.4f}" for r in eng))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from fedbayes.cli import _flat_from_args, build_parser, main
-from fedbayes.config import ConfigError, resolve
+from fedbayes.config import ConfigError, load_config_file, resolve
 from server.runconfig import split_run_config
 from simulations.flower_engine import project_root
 from simulations.presets import DATASET_PRESETS, apply_preset, load_preset
@@ -57,7 +57,7 @@ def test_run_without_preset_uses_the_datasets_preset(tmp_path: Path, capsys: pyt
     again = tmp_path / "again"
     assert main(["run", "--config", str(out / "config.json"), "--out", str(again), "--quiet"]) == 0
     assert "[fedbayes] preset" not in capsys.readouterr().out
-    assert json.loads((again / "config.json").read_text()) == cfg
+    assert load_config_file(again / "config.json") == load_config_file(out / "config.json")  # but the provenance
 
 
 def test_preset_none_and_datasets_without_a_preset_keep_the_code_defaults() -> None:

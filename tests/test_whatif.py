@@ -25,6 +25,7 @@ from fedbayes.algorithms.base import AlgorithmConfig, ClientUpdate
 from fedbayes.algorithms.bayes_admm import BayesADMM
 from fedbayes.algorithms.fedlap_cov import FedLapCov
 from fedbayes.algorithms.pvi import PVI
+from fedbayes.config import load_config_file
 from fedbayes.engine import run_experiment
 from fedbayes.gaussian import DiagGaussian
 from fedbayes.local import LocalSettings, train_local
@@ -433,12 +434,14 @@ def test_cli_whatif_and_influence_end_to_end(runs: dict[str, Path], tmp_path: Pa
 def test_retraining_loop_is_the_engine_for_site_rules(runs: dict[str, Path], tmp_path: Path) -> None:
     # run_federation (a compact rule over the active clients) must give the engine's numbers bit for bit:
     # without exclusions, and for pvi with one (an excluded client's site is never there either way)
-    cfg = json.loads((runs["pvi"] / "config.json").read_text())
+    cfg = load_config_file(runs["pvi"] / "config.json")
     run_federation(cfg, tmp_path / "again")
     for f in ("posterior.safetensors", "config.json", "metrics.jsonl"):
         a, b = (tmp_path / "again" / f).read_bytes(), (runs["pvi"] / f).read_bytes()
         if f == "metrics.jsonl":  # wall-clock fields differ
             assert _strip_times(a.decode()) == _strip_times(b.decode())
+        elif f == "config.json":  # but the provenance (date, command line)
+            assert load_config_file(tmp_path / "again" / f) == cfg
         else:
             assert a == b, f
     excl = {**cfg, "exclude-clients": [2]}
