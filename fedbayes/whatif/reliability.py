@@ -76,7 +76,7 @@ __all__ = [
     "influence_note", "merge_note", "removal_note", "run_facts", "settle",
 ]
 
-SOURCE = "docs/whatif.md (Benchmark: fedbayes bench whatif; Reliability note)"
+SOURCE = "docs/whatif.md (How far to trust an answer; Benchmark: fedbayes bench whatif)"
 MEASURED_ROUNDS = (10, 50)
 """Rounds of the benchmark's federations (fmnist-20-het at 10 and 20, fmnist-classes 30, fmnist-10-het 50)."""
 MEASURED_CLIENTS = (10, 20)
@@ -168,9 +168,9 @@ def _suggest(facts: Mapping[str, Any], refine_rounds: int) -> str:
     st = facts.get("settle")
     if st is None or st["relative_per_round"] > MAX_SETTLE:
         return (f"the run is still learning, so R more rounds (--refine R) would add R rounds of training to the "
-                f"comparison (docs/whatif.md, Reliability note); retrain without the client(s) instead (--verify: "
-                f"{rounds} round(s), about the cost of --refine {rounds}) or train the run on (fedbayes run --resume "
-                f"DIR --rounds N) and ask again")
+                f"comparison (docs/whatif.md, How far to trust an answer); retrain without the client(s) instead "
+                f"(--verify: {rounds} round(s), about the cost of --refine {rounds}) or train the run on (fedbayes run "
+                f"--resume DIR --rounds N) and ask again")
     if refine_rounds > 0:
         return f"check the answer against a retraining (--verify): about {rounds / refine_rounds:.1f}x this refinement"
     return (f"--refine {r}: {r} rounds of the rule without the removed client(s) from the trained global (it does "
