@@ -33,7 +33,7 @@ That is not a bug but the estimator far outside the state it was measured in.
 
 **The step back** (:data:`MAX_DAMPED_FRACTION`): the share of coordinates the bounded step back damped.  Measured:
 ``dual`` damped 0.2 of 178,110 coordinates per removal on fmnist-10-het (its ranking good), ``site`` 1,707 (its
-magnitudes 70–140× off), and the class-per-client case, where the step back failed, 40; the limit 10⁻⁴ lies
+magnitudes 4,000× off), and the class-per-client case, where the step back failed, 40; the limit 10⁻⁴ lies
 between the good case and the failed ones.
 
 **The removed clients' share of the data** (:data:`MAX_REMOVED_SHARE`): the largest single removal measured held
