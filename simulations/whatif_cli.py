@@ -15,6 +15,7 @@ The commands import the library (torch) when they run, not when their parsers ar
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -47,6 +48,19 @@ def _new_output(out: Path, sources: Sequence[Path]) -> Iterator[Path]:
                 p.rmdir()
         raise
     publish(tmp, out)
+
+
+def _print_note(note: dict[str, Any]) -> None:
+    """The reliability note (:mod:`fedbayes.whatif.reliability`), the removal's facts first where it has them."""
+    from fedbayes.whatif.reliability import describe_note
+
+    rem = note.get("removal")
+    if rem:
+        print(f"[fedbayes] removed {rem['removed_examples_share']:.1%} of the examples; the '{rem['estimator']}' "
+              f"contributions: {rem['removed_precision_share']:.2%} of the global's data precision for them, "
+              f"{rem['coverage']:.1%} for all clients")
+    for line in describe_note(note):
+        print(line)
 
 
 def _summary_line(name: str, m: dict[str, float]) -> str:
@@ -93,6 +107,7 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     print(f"[fedbayes] {report['algorithm']}: removed client(s) {clients} "
           f"({report['removed_examples']} examples) with estimator '{report['estimator']}'"
           + (f", then {args.refine} round(s) of {report['algorithm']} without them" if args.refine else ""))
+    _print_note(report["reliability"])
     if step["damped"]:
         print(f"[fedbayes] note: {report['validity']['fallback']}")
     if args.eval != "none":
@@ -125,6 +140,7 @@ def cmd_influence(args: argparse.Namespace) -> int:
                       keep_retrains=args.keep_retrains, progress=not args.quiet, refine_rounds=args.refine,
                       evaluate=args.eval)
     print((out / "influence.md").read_text())
+    _print_note(json.loads((out / "influence.json").read_text())["reliability"])
     print(f"[fedbayes] influence.md, influence.csv, influence.png{', scatter.png' if args.verify else ''} in {out}")
     return 0
 
@@ -140,6 +156,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     with _new_output(out, [src]) as tmp:
         info = forget(run, clients, tmp, estimator=args.estimator, fallback=not args.no_fallback, name=out)
     v = info["validity"]
+    _print_note(info["reliability"])
     if not v["ok"]:
         print(f"[fedbayes] WARNING: {v['total_broken']} entries had precision <= {v['floor']:g}; {v['fallback']}")
     print(_summary_line("after forgetting", info["whatif"]))
@@ -151,6 +168,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 # ============================================================================================ merge
 def cmd_merge(args: argparse.Namespace) -> int:
     from fedbayes.whatif import kl_diag, load_run, merge, write_json, write_posterior_file
+    from fedbayes.whatif.reliability import merge_note
 
     a_dir, b_dir, out = Path(args.dir_a), Path(args.dir_b), Path(args.out)
     a, b = load_run(a_dir), load_run(b_dir)
@@ -166,6 +184,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             "a": str(a_dir), "b": str(b_dir), "formula": "λ = λ_A + λ_B − λ₀",
             "clients": {"a": a.active, "b": b.active}, "notes": notes, "validity": validity.to_dict(),
             "metrics": {"a": a.full_metrics(), "b": b.full_metrics(), "merged": a.evaluate(merged)},
+            "reliability": merge_note(a, b),
         }
         if c is not None:
             cm = a.evaluate(c.posterior())
@@ -179,6 +198,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         write_json(tmp / "metrics.json", report)
     for n in notes:
         print(f"[fedbayes] note: {n}")
+    _print_note(report["reliability"])
     if not validity.ok:
         print(f"[fedbayes] WARNING: {validity.describe()}")
     for name, m in report["metrics"].items():

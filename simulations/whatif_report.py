@@ -54,7 +54,12 @@ def _write_influence_reports(folder: Path, info: dict[str, Any]) -> list[Path]:
             if verify:
                 line += [*[r["actual_change"].get(k, "") for k in keys], r["retrain_s"]]
             w.writerow(line)
-    md = [f"# Client influence: {info['algorithm']} ({info['source']}, round {info['round']})", "",
+    note = info["reliability"]
+    md = [f"# Client influence: {info['algorithm']} ({info['source']}, round {info['round']})", ""]
+    if not note["ok"]:
+        md += ["**Reliability: outside what docs/whatif.md measured; these predictions may be far off.**", ""]
+        md += [f"- {w}" for w in note["warnings"]] + ["", f"Suggestion: {note['suggest']}", ""]
+    md += [
           f"Predicted change of the test metrics if the client had never taken part, λ₋ₖ = λ − ĝₖ "
           f"(estimator `{info['estimator']}`), ranked by predicted change of `{primary}` (largest increase "
           f"first: the most useful client).  KL = KL(q ‖ q₋ₖ) in nats.", ""]
@@ -101,7 +106,10 @@ def _write_influence_reports(folder: Path, info: dict[str, Any]) -> list[Path]:
     ax.set_ylabel(f"Δ {primary} if removed")
     ax.axhline(0, color="k", lw=0.6)
     ax.legend(fontsize=8)
-    ax.set_title(f"{info['algorithm']}: influence of each client", fontsize=10)
+    title = f"{info['algorithm']}: influence of each client"
+    if not note["ok"]:
+        title += "\nWARNING: outside the measured range, see influence.md"
+    ax.set_title(title, fontsize=10, color="k" if note["ok"] else "firebrick")
     fig.tight_layout()
     fig.savefig(folder / "influence.png", dpi=110)
     plt.close(fig)
@@ -138,6 +146,7 @@ def run_influence(
     the same examples."""
     from fedbayes.whatif import estimators, influence, retrain_without, write_json
     from fedbayes.whatif.ops import eval_subset
+    from fedbayes.whatif.reliability import influence_note
 
     if evaluate == "none":
         raise ValueError("influence ranks clients by a metric: it needs --eval full or subset")
@@ -145,6 +154,7 @@ def run_influence(
     full = run.full_metrics(subset)
     primary = primary_metric(full)
     rows = influence(run, estimator=estimator, fallback=fallback, refine_rounds=refine_rounds, evaluate=evaluate)
+    note = influence_note(run, {r["client"]: r["reliability"] for r in rows})
     est_name = estimator or estimators(run.algorithm)[0]
     if verify:
         for r in rows:
@@ -161,7 +171,7 @@ def run_influence(
     answer = [r["seconds"]["answer"] for r in rows]
     info: dict[str, Any] = {
         "source": str(run.path), "algorithm": run.algorithm, "round": run.round, "estimator": est_name,
-        "primary_metric": primary, "full": full, "clients": rows,
+        "primary_metric": primary, "full": full, "clients": rows, "reliability": note,
         "seconds": {"answer_mean": float(np.mean(answer)),
                     "estimate_mean": float(np.mean([r["seconds"]["estimate"] for r in rows]))},
     }

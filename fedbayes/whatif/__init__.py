@@ -67,8 +67,11 @@ than λ₀ + Σ_{k∉S} gₖ — see ``docs/whatif.md`` for the engine change th
 The package: :mod:`~fedbayes.whatif.removal` (contributions, removal, validity), :mod:`~fedbayes.whatif.runs`
 (loading a run, retraining without clients, compatibility; any posterior is evaluated by the engine's own
 :func:`fedbayes.rounds.evaluate_posterior_on`), :mod:`~fedbayes.whatif.ops` (whatif, influence, forget, merge
-and their answer folders) and :mod:`~fedbayes.whatif.stats` (the diagonal-Gaussian KL, Spearman's rank
-correlation with numpy ranks, metric deltas).  Merging runs from the same prior: λ = λ_A + λ_B − λ₀.
+and their answer folders), :mod:`~fedbayes.whatif.reliability` (the note every answer carries: the run against the
+range docs/whatif.md measured — rounds, clients, whether it settled, how much of the global the contributions
+account for, the step back's damping — with warnings and a suggestion) and :mod:`~fedbayes.whatif.stats` (the
+diagonal-Gaussian KL, Spearman's rank correlation with numpy ranks, metric deltas).  Merging runs from the same
+prior: λ = λ_A + λ_B − λ₀.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ from fedbayes.whatif.ops import (
     write_json,
     write_posterior_file,
 )
+from fedbayes.whatif.reliability import influence_note, merge_note, removal_note
 from fedbayes.whatif.removal import (
     InvalidPosteriorError,
     Removal,
@@ -125,8 +129,8 @@ __all__ = [
     "EVAL_MODES", "EXCLUDE_KEY", "Answer", "InvalidPosteriorError", "LoadedRun", "Removal", "RunMismatchError",
     "StepBack", "UnsupportedAlgorithmError", "Validity", "WhatIfError", "architecture", "bounded_step_back",
     "build_federation", "check_compatible", "check_gaussian", "check_supported", "client_contributions", "deltas",
-    "estimators", "evaluate_posterior", "forget", "forget_state", "influence", "kl_diag", "load_run", "merge",
-    "merge_posteriors", "new_folder", "parse_clients", "posterior_without", "publish", "rankdata", "refine",
-    "repair_gaussian", "retrain_without", "run_federation", "same_partition", "spearman",
-    "staging", "supported_algorithms", "whatif", "write_json", "write_posterior_file",
+    "estimators", "evaluate_posterior", "forget", "forget_state", "influence", "influence_note", "kl_diag",
+    "load_run", "merge", "merge_note", "merge_posteriors", "new_folder", "parse_clients", "posterior_without",
+    "publish", "rankdata", "refine", "removal_note", "repair_gaussian", "retrain_without", "run_federation",
+    "same_partition", "spearman", "staging", "supported_algorithms", "whatif", "write_json", "write_posterior_file",
 ]

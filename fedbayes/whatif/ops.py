@@ -22,6 +22,7 @@ from fedbayes.config import resolve
 from fedbayes.engine import run_rounds
 from fedbayes.gaussian import DiagGaussian
 from fedbayes.results import ResultsWriter
+from fedbayes.whatif.reliability import removal_note
 from fedbayes.whatif.removal import (
     InvalidPosteriorError,
     Removal,
@@ -195,7 +196,8 @@ def whatif(
 
     The report holds, unless ``evaluate="none"``, the metrics of the trained and the answer posterior (evaluated
     identically, on the whole test set or a fixed subset), the predicted change (answer − trained), KL(q ‖ q₋S),
-    the step back's validity report, and the seconds (and, refined, the bytes) taken.
+    the step back's validity report, the seconds (and, refined, the bytes) taken, and the reliability note
+    (:func:`fedbayes.whatif.reliability.removal_note`: the run against the range docs/whatif.md measured).
     """
     ids = sorted(set(int(c) for c in clients))
     slots = run.slots(ids)
@@ -226,6 +228,7 @@ def whatif(
         "eval": evaluate,
         "kl_full_to_whatif": kl_diag(q, posterior.clamp_prec(run.rule.config.min_prec)),
         "seconds": {"estimate": t_estimate, "answer": t_answer},
+        "reliability": removal_note(run, removal, refined),
     }
     if evaluate != "none":
         full = run.full_metrics(subset)
@@ -288,6 +291,7 @@ def influence(
             "beta_mean": removal.step.beta_mean,
             "fallback": removal.validity.fallback,
             "seconds": rep["seconds"],
+            "reliability": rep["reliability"],
         })
     return rows
 
