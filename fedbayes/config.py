@@ -310,12 +310,15 @@ def _format(err: ValidationError, what: str) -> str:
 def resolve(flat: Mapping[str, Any]) -> Experiment:
     """Validate a flat kebab-case (or snake_case) mapping into an :class:`Experiment`.
 
+    A run folder's ``config.json`` resolves as it is: its reserved ``provenance`` entry (what made the run,
+    :mod:`fedbayes.provenance`) is not a configuration key and is ignored.
+
     Raises
     ------
     ConfigError
         Unknown key (listing the valid ones), wrong type or out-of-range value (naming the key).
     """
-    norm = kebab_keys(flat)
+    norm = kebab_keys({k: v for k, v in flat.items() if k != "provenance"})
     run_keys = {kebab(n) for n in RunConfig.model_fields}
     run_part = {k: v for k, v in norm.items() if k in run_keys}
     try:

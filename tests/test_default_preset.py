@@ -25,7 +25,7 @@ for _k, _v in tomllib.loads((project_root() / "pyproject.toml").read_text())["to
 
 
 def _cli_flat(argv: list[str]) -> dict[str, Any]:
-    flat, _ = _flat_from_args(build_parser().parse_args(["run", *argv]))
+    flat, _, _ = _flat_from_args(build_parser().parse_args(["run", *argv]))
     return resolve(flat).to_flat()
 
 
@@ -65,7 +65,7 @@ def test_preset_none_and_datasets_without_a_preset_keep_the_code_defaults() -> N
     assert bare["lr"] is None and bare["epochs"] is None and bare["num-clients"] == 10
     flat, used = apply_preset({"algorithm": "pvi", "dataset": "breast-cancer"})
     assert used is None and flat == {"algorithm": "pvi", "dataset": "breast-cancer"}
-    _, line = _flat_from_args(build_parser().parse_args(["run", "--dataset", "breast-cancer"]))
+    _, line, _ = _flat_from_args(build_parser().parse_args(["run", "--dataset", "breast-cancer"]))
     assert line is not None and "breast-cancer has no default preset" in line
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         apply_preset({}, "nope")

@@ -3,7 +3,6 @@ writer by every engine, read back here with TensorBoard's own EventAccumulator."
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedbayes.config import ConfigError
+from fedbayes.config import ConfigError, load_config_file
 from fedbayes.engine import run_experiment
 from fedbayes.results import read_metrics
 
@@ -72,7 +71,7 @@ def test_run_writes_every_metric_per_round_and_the_config_as_hparams(tmp_path: P
     content = acc.PluginTagToContent(hp_metadata.PLUGIN_NAME)
     assert set(content) == {hp_metadata.SESSION_START_INFO_TAG, hp_metadata.SESSION_END_INFO_TAG}
     ssi = hp_metadata.parse_session_start_info_plugin_data(content[hp_metadata.SESSION_START_INFO_TAG])
-    config = json.loads((out / "config.json").read_text())
+    config = load_config_file(out / "config.json")  # without its provenance entry: what made the run, not a key
     assert set(ssi.hparams) == set(config)
     assert ssi.hparams["algorithm"].string_value == "fedavg"
     assert ssi.hparams["rounds"].number_value == 3
@@ -102,7 +101,7 @@ def test_resume_continues_the_log_without_duplicates(tmp_path: Path) -> None:
     assert [r["round"] for r in rows] == [1, 2, 3]
     _assert_scalars_match(_events(out), rows)  # every round once, the resumed one with its own number
     # a fresh run in the same folder replaces the old log with its own
-    run_experiment({**TINY, "rounds": 1}, out, progress=False)
+    run_experiment({**TINY, "rounds": 1}, out, progress=False, overwrite=True)
     _assert_scalars_match(_events(out), read_metrics(out))
     assert len(list((out / "tensorboard").iterdir())) == 1
 
