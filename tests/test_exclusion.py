@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from test_algorithms import as_nat, close, flat, gauss, params, t  # the toy model's helpers (w: (2,), b: (1,))
@@ -106,3 +107,136 @@ def test_fedlap_global_sums_only_active_duals() -> None:
     rule.aggregate(1, [ClientUpdate(client=0, num_examples=10, mean=params(ma)),
                        ClientUpdate(client=2, num_examples=30, mean=params(mc))])
     close(flat(rule.global_mean()), rho * ma + rho * mc)  # w_g = Σ_active vₖ from w_g = 0
+
+
+# ------------------------------------------------- against a federation that never had the client (the engine)
+def federation_without(flat: dict[str, Any], out: list[int], monkeypatch: pytest.MonkeyPatch
+                       ) -> tuple[list[dict[str, Any]], Any, list[int]]:
+    """Train, from scratch, a federation of K − |out| clients (``num-clients`` = K − |out|, nothing excluded) whose
+    client j holds the data of the j-th kept client of the K-client partition and trains with that client's
+    seeds; returns (rows, federation, kept ids).  No exclusion code runs: the rule is built for the smaller K, the
+    participants are drawn from its own pool.
+
+    What must hold, and why: the model initialisation depends on the seed only; ``participants`` draws indices
+    into the pool of available clients with a generator seeded by (seed, round), and the pool of the K-client run
+    with ``out`` excluded is the kept ids in order, so index j picks kept[j] there and j here; the number per
+    round is a fraction of the available clients in both; each client trains on the same data with the same seed
+    under the prior the rule sends, and the rules count the same clients.  So the run with ``exclude-clients =
+    out`` is this federation with its clients renamed j → kept[j], bit for bit."""
+    import dataclasses
+
+    import fedbayes.rounds as rounds
+    from fedbayes.config import resolve
+    from fedbayes.engine import Federation, load_partitioned, run_rounds
+
+    k = int(flat["num-clients"])
+    kept = [c for c in range(k) if c not in out]
+    _, parts, _ = load_partitioned(resolve({**flat, "exclude-clients": []}))  # the partition over all K
+    exp = resolve({**flat, "num-clients": len(kept), "exclude-clients": []})
+    fed = Federation.build(exp)
+    assert fed.rule.K == len(kept) and fed.rule.active == list(range(len(kept)))
+    fed = dataclasses.replace(fed, parts=[parts[c] for c in kept],
+                              client_data=[(torch.from_numpy(fed.data.x_train[parts[c]]),
+                                            torch.from_numpy(fed.data.y_train[parts[c]]).long()) for c in kept])
+    real_seed = rounds.client_seed
+    monkeypatch.setattr(rounds, "client_seed", lambda seed, r, j: real_seed(seed, r, kept[j]))
+    rows = run_rounds(fed, exp, [], None, checkpoint=False)
+    monkeypatch.setattr(rounds, "client_seed", real_seed)
+    return rows, fed, kept
+
+
+def same_run(rows: list[dict[str, Any]], rule: Algorithm, ref_rows: list[dict[str, Any]], ref_rule: Algorithm,
+             kept: list[int]) -> None:
+    """The two runs are the same up to renaming client j → kept[j]: the posterior, bit for bit, and each round's
+    participants, failures and test metrics."""
+    a, b = rule.global_posterior(), ref_rule.global_posterior()
+    assert a is not None and b is not None
+    for k in a.eta:
+        assert torch.equal(a.eta[k], b.eta[k]) and torch.equal(a.prec[k], b.prec[k]), k
+    assert len(rows) == len(ref_rows)
+    for r, s in zip(rows, ref_rows, strict=True):
+        assert [kept[j] for j in r["participants"]] == s["participants"], r["round"]
+        assert [kept[j] for j in r["failed"]] == s["failed"], r["round"]
+        for key in ("test_accuracy", "test_nll"):
+            assert r[key] == s[key], (r["round"], key)
+
+
+SMALL = {"dataset": "digits", "num-clients": 4, "rounds": 3, "hidden": "8", "epochs": 1, "bma-samples": 0,
+         "seed": 1, "partition": "dirichlet"}
+
+
+@pytest.mark.parametrize(("algo", "extra"), [("bayes-admm", {"rho-k": 1.0}), ("pvi", {}),
+                                             ("bayes-admm", {"clients-per-round": 0.6})])
+def test_exclusion_is_a_federation_that_never_had_the_client(algo: str, extra: dict[str, Any],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's ``exclude-clients = [1]`` against a 3-client federation built without client 1's data
+    (:func:`federation_without`): the same run, renamed.  Partial participation (2 of the 3 available per round)
+    checks that the number drawn is a fraction of the available clients (0.6 of 3 is 2; of 4 it would be 3).
+
+    Caught mutations (each fails the bayes-admm cases; the comparisons in tests/test_whatif.py ran the same
+    exclusion code on both sides and could not fail)::
+
+        # fedbayes/engine.py, Federation.build: the rule not told who is excluded (ρ, α over K = 4)
+        -        active = [c for c in range(run.num_clients) if c not in set(run.exclude_clients)]
+        +        active = list(range(run.num_clients))
+
+        # fedbayes/config.py, participants_per_round: the fraction taken of K, not of the available clients
+        -        available = self.num_clients - len(set(self.exclude_clients))
+        +        available = self.num_clients
+    """
+    from fedbayes.config import resolve
+    from fedbayes.engine import Federation, run_rounds
+
+    flat = {**SMALL, "algorithm": algo, **extra}
+    rows, fed, kept = federation_without(flat, [1], monkeypatch)
+    exp = resolve({**flat, "exclude-clients": [1]})
+    ref = Federation.build(exp)
+    ref_rows = run_rounds(ref, exp, [], None, checkpoint=False)
+    assert all(1 not in r["participants"] for r in ref_rows)
+    same_run(rows, fed.rule, ref_rows, ref.rule, kept)
+
+
+def _draws(seed: int, rounds: int, k: int) -> dict[tuple[int, int], float]:
+    """The documented draw of ``injected_failure`` (fedbayes/rounds.py), written out: u ~ U[0, 1) from a
+    generator seeded by (seed, round, client, 0xFA11); failed when u < fail-rate, a straggler when
+    fail-rate ≤ u < fail-rate + straggler-rate."""
+    return {(r, c): float(np.random.default_rng([seed, r, c, 0xFA11]).random())
+            for r in range(1, rounds + 1) for c in range(k)}
+
+
+def test_injected_failures_are_clients_that_were_never_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run with ``fail-rate`` 0.2 and ``straggler-rate`` 0.3 against the same run with no rates in which the
+    (round, client) pairs the documented draw drops are simply never reached (the ``fail`` hook): both must be
+    bit-identical (an absent client trains nothing and stays stale, whatever the reason), with the same failed
+    clients each round.  The seed is chosen so that the draws hold a failure, a straggler, and a straggler whose
+    u lies above straggler-rate alone (so ``u < straggler-rate`` would keep it).
+
+    Caught mutations (each was caught before only by a seed-dependent statistical check)::
+
+        # fedbayes/rounds.py, injected_failure: the straggler threshold without the fail-rate
+        -    if u < exp.run.fail_rate + exp.run.straggler_rate:
+        +    if u < exp.run.straggler_rate:
+
+        # fedbayes/rounds.py, Round.job: stragglers still trained and aggregated
+        -        if not reachable or injected_failure(self.exp, r, client) is not None:
+        +        if not reachable or injected_failure(self.exp, r, client) == "failed":
+    """
+    from fedbayes.config import resolve
+    from fedbayes.engine import Federation, run_rounds
+
+    fail, strag = 0.2, 0.3
+    flat = {**SMALL, "algorithm": "bayes-admm", "rounds": 4, "seed": 3}
+    u = _draws(3, 4, 4)
+    dropped = {rc for rc, v in u.items() if v < fail + strag}
+    assert any(v < fail for v in u.values()) and any(max(fail, strag) <= v < fail + strag for v in u.values())
+    assert len(dropped) < len(u) - 4  # most clients still reply
+    exp = resolve({**flat, "fail-rate": fail, "straggler-rate": strag})
+    injected = Federation.build(exp)
+    rows = run_rounds(injected, exp, [], None, checkpoint=False)
+    exp0 = resolve(flat)
+    hooked = Federation.build(exp0)
+    ref_rows = run_rounds(hooked, exp0, [], None, checkpoint=False, fail=lambda r, c: (r, c) in dropped)
+    for r in rows:
+        assert r["failed"] == sorted(c for c in range(4) if (r["round"], c) in dropped), r["round"]
+        assert r["failed_reasons"] == {}, r["round"]  # absent, not failed with an error
+    same_run(rows, injected.rule, ref_rows, hooked.rule, list(range(4)))

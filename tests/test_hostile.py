@@ -278,3 +278,96 @@ def test_zero_site_precision_is_a_valid_flat_factor() -> None:
 
 def teardown_module() -> None:
     print(f"\n[hostile] replies tried and rejected: {TRIED['hostile']}")
+
+
+# ------------------------------------------------------------------ every record, every parameter, every value
+SITE_RECORDS, MEAN_RECORDS = ("site.eta", "site.prec"), ("mean",)
+POISON = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf, "absurd": 1e35}
+
+
+def _prior_prec() -> dict[str, np.ndarray]:
+    """A prior precision as a rule sends it: 2 everywhere (so a site precision down to -2 is still proper)."""
+    return {k: np.full(s, 2.0, np.float32) for k, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize("algo", ["fedavg", "pvi", "bayes-admm"])
+def test_every_record_and_every_parameter_is_checked(algo: str) -> None:
+    """Poison one entry (the first or the last) of each parameter of each record of each reply kind with NaN, ±Inf
+    or an absurd magnitude: each is rejected with a reason naming the record and parameter, and the global state
+    after the round equals the state of a round that never saw it.  bayes-admm (``signed_sites``) decodes with
+    the sent prior, so the "prior + site > 0" branch is the one exercised there, as in a run
+    (``RoundSession.receive``).
+
+    Caught mutation (``_check_arrays`` skipping finiteness for the site precision; a NaN then passes both
+    ``min() < 0`` and ``prior + site <= 0``, which are False for NaN, and makes bayes-admm's global NaN)::
+
+        -        if not np.isfinite(arr).all():
+        +        if what != "record 'site.prec'" and not np.isfinite(arr).all():
+
+    The hostile property test above never caught it: it corrupts only a reply's first record (``site.eta``)."""
+    rng = np.random.default_rng(3)
+    clean, mixed = _rule(algo), _rule(algo)
+    site = clean.needs_site()
+    sent = _prior_prec() if clean.signed_sites else None
+    records = SITE_RECORDS if site else MEAN_RECORDS
+    good = [(_good(rng, site), c) for c in range(3)]
+    for c in range(3):
+        clean.configure(c, 1)
+        mixed.configure(c, 1)
+    tried = 0
+    for key in records:
+        for name, shape in SHAPES.items():
+            for where in (0, int(np.prod(shape)) - 1):
+                for label, value in POISON.items():
+                    rec = _good(rng, site)
+                    rec[key][name].reshape(-1)[where] = value
+                    reason = "absurd magnitude" if label == "absurd" else "NaN or Inf"
+                    with pytest.raises(InvalidReply, match=rf"record '{key}': '{name}' has {reason}"):
+                        decode_reply(rec, {"num-examples": 10}, client=1, shapes=SHAPES, need_site=site,
+                                     expected_examples=10, prior_prec=sent)
+                    tried += 1
+    assert tried == len(records) * len(SHAPES) * 2 * len(POISON)
+    ups = [decode_reply(rec, {"num-examples": 10}, client=c, shapes=SHAPES, need_site=site, expected_examples=10,
+                        prior_prec=sent) for rec, c in good]
+    clean.aggregate(1, ups)
+    mixed.aggregate(1, ups)
+    for k, v in mixed.state_tensors().items():
+        assert torch.isfinite(v).all(), k
+        assert torch.equal(v, clean.state_tensors()[k]), k
+
+
+@pytest.mark.parametrize("kind", ["mean", "site"])
+def test_num_examples_and_metrics_are_checked_for_each_reply_kind(kind: str) -> None:
+    """``num-examples`` is refused when it is not a whole number in range, whatever the reply kind; the other
+    metrics are advisory: a non-finite, boolean or non-numeric one is dropped (not passed on to the rules or the
+    metrics file) and the reply is kept."""
+    rng = np.random.default_rng(4)
+    site = kind == "site"
+    for n in (math.nan, math.inf, -math.inf, 0, -1, 2.5, True, "10", None, 10**12):
+        with pytest.raises(InvalidReply, match="num-examples"):
+            decode_reply(_good(rng, site), {"num-examples": n}, client=0, shapes=SHAPES, need_site=site)
+    met = {"num-examples": 10, "train-loss": math.nan, "steps": math.inf, "lr": -math.inf, "ok": True,
+           "name": "x", "train-seconds": 1.5}
+    u = decode_reply(_good(rng, site), met, client=0, shapes=SHAPES, need_site=site)
+    assert u.num_examples == 10 and u.metrics == {"num-examples": 10.0, "train-seconds": 1.5}
+
+
+@pytest.mark.parametrize("post", [1e-6, 0.0, -1e-6])
+def test_a_signed_site_is_checked_against_the_prior_it_answers(post: float) -> None:
+    """Signed sites (bayes-admm) may have a negative precision, but prior + site must stay > 0 in every entry of
+    every parameter: site = post - prior with prior 2 is accepted for post = 1e-6 and refused for 0 and -1e-6
+    (the entry is placed last in 'b', so a check of the first entry or of one parameter only misses it)."""
+    rng = np.random.default_rng(5)
+    sent = _prior_prec()
+    rec = _good(rng, True)
+    rec["site.prec"] = {k: np.full(s, -1.0, np.float32) for k, s in SHAPES.items()}  # prior + site = 1 > 0
+    rec["site.prec"]["b"][-1] = np.float32(np.float64(post) - 2.0)
+    args: dict[str, Any] = {"client": 0, "shapes": SHAPES, "need_site": True, "expected_examples": 10}
+    if post > 0:
+        u = decode_reply(rec, {"num-examples": 10}, prior_prec=sent, **args)
+        assert u.site is not None and float(u.site.prec["b"][-1]) == float(np.float32(post - 2.0))
+    else:
+        with pytest.raises(InvalidReply, match=r"record 'site\.prec': 'b' implies a posterior precision"):
+            decode_reply(rec, {"num-examples": 10}, prior_prec=sent, **args)
+    with pytest.raises(InvalidReply, match=r"'w' has negative precision -1"):  # without the prior: must be >= 0
+        decode_reply(rec, {"num-examples": 10}, **args)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedbayes.engine import run_experiment
 from fedbayes.results import CheckpointError, load_checkpoint
@@ -176,3 +177,101 @@ def test_a_kill_between_the_meta_and_the_state_rename_still_resumes(tmp_path: Pa
     run_experiment(flat, run, progress=False, resume=True)
     assert (ref / "posterior.safetensors").read_bytes() == (run / "posterior.safetensors").read_bytes()
     assert not (run / "checkpoint" / results.NEXT_STATE).exists()
+
+
+class _Killed(BaseException):
+    """A simulated SIGKILL: not an ``Exception``, so no ``except`` in the code under test can swallow it."""
+
+
+def _kill_config(store: str) -> dict:  # type: ignore[type-arg]
+    return {"algorithm": "bayes-admm", "dataset": "synthetic-classification", "num-clients": 3, "rounds": 2,
+            "hidden": "8", "epochs": 1, "bma-samples": 0, "seed": 5, "store": store, "clients-per-round": 2 / 3,
+            "eval-every": 2}
+
+
+def _resume_killed(cfg: dict, run: Path, step: int, after: bool,  # type: ignore[type-arg]
+                   monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Resume ``run`` and kill it at its ``step``-th ``os.replace`` (just before it, or just ``after`` it); False
+    when the run got through (fewer steps)."""
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def killing(src, dst):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == step + 1 and not after:
+            raise _Killed(f"{src} -> {dst}")
+        real_replace(src, dst)
+        if calls["n"] == step + 1:
+            raise _Killed(f"{src} -> {dst}")
+
+    monkeypatch.setattr(os, "replace", killing)
+    try:
+        run_experiment(cfg, run, progress=False, resume=True)
+    except _Killed:
+        return True
+    finally:
+        monkeypatch.setattr(os, "replace", real_replace)
+    return False
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_a_kill_at_every_write_step_of_a_checkpoint_resumes_identically(
+        store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file a run writes reaches its final name through ``os.replace``: the metrics and config, the
+    posterior, the client files (written by the checkpoint with ``store = "memory"``, during the round with
+    ``"disk"``), ``state.next.safetensors``, ``meta.json`` and the state's rename.  From the checkpoint of round 1,
+    the resumed run (round 2 of 2, 2 of 3 clients) is killed just before its i-th ``os.replace`` for every i
+    until it gets through, and just after the last one (before the superseded files are deleted), then resumed
+    again: each ends with the posterior, metrics and checkpoint of the uninterrupted run.
+
+    Caught mutations (each fails at step 6, the kill just before the meta, or the resume after it):
+
+    the meta written before the state it names (the digest taken of the bytes in memory); a kill in between leaves
+    a meta whose digest matches no state file, ``CheckpointError: … corrupted or truncated``::
+
+        -            _atomic_save_tensors(nxt, server)
+        +            _blob = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in server.items()})
+        -                "state_sha256": _sha256(nxt),
+        +                "state_sha256": hashlib.sha256(_blob).hexdigest(),
+                     atomic_write_bytes(ck / "meta.json", blob)
+        +            atomic_write_bytes(nxt, _blob)
+
+    the superseded client files deleted before the new meta is durable; the old meta then names deleted files,
+    ``CheckpointError: … client 0's state file … is missing``::
+
+        +            files.commit()
+                     atomic_write_bytes(ck / "meta.json", blob)
+    """
+    import shutil
+
+    from fedbayes.results import read_metrics
+
+    cfg = _kill_config(store)
+    ref, base = tmp_path / "ref", tmp_path / "base"
+    run_experiment(cfg, ref, progress=False)
+    run_experiment(cfg, base, progress=False, stop_round=1)
+    want_post = (ref / "posterior.safetensors").read_bytes()
+    want_rows = _no_timings(read_metrics(ref))
+    want_state = load_checkpoint(ref)[1]
+    step, after, tried = 0, False, []
+    while True:
+        run = tmp_path / f"kill-{step}-{after}"
+        shutil.copytree(base, run)
+        if not _resume_killed(cfg, run, step, after, monkeypatch):
+            assert not after
+            step, after = step - 1, True  # got through: now kill just after the last step
+            continue
+        tried.append((step, after))
+        run_experiment(cfg, run, progress=False, resume=True)
+        where = f"killed {'after' if after else 'before'} write step {step}"
+        assert (run / "posterior.safetensors").read_bytes() == want_post, where
+        assert _no_timings(read_metrics(run)) == want_rows, where
+        got_state = load_checkpoint(run)[1]
+        assert got_state.keys() == want_state.keys(), where
+        assert all(torch.equal(got_state[k], want_state[k]) for k in want_state), where
+        shutil.rmtree(run)
+        if after:
+            break
+        step += 1
+    # metrics, config, posterior, two clients, state, meta, rename; and after the rename
+    assert len(tried) == 9, tried

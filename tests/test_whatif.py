@@ -45,6 +45,7 @@ from fedbayes.whatif import (
     spearman,
 )
 from simulations.whatif_cli import main
+from tests.test_exclusion import federation_without, same_run
 from tests.test_local import _orthogonal_client
 
 # ------------------------------------------------------------------------------------------- conjugate model
@@ -431,9 +432,12 @@ def test_cli_whatif_and_influence_end_to_end(runs: dict[str, Path], tmp_path: Pa
     assert _hashes(runs["pvi"]) == before
 
 
-def test_retraining_loop_is_the_engine_for_site_rules(runs: dict[str, Path], tmp_path: Path) -> None:
-    # run_federation (a compact rule over the active clients) must give the engine's numbers bit for bit:
-    # without exclusions, and for pvi with one (an excluded client's site is never there either way)
+def test_retraining_loop_is_the_engine_for_site_rules(runs: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_federation (a compact rule over the active clients) must give the engine's numbers bit for bit:
+    without exclusions, and for pvi with one.  Both share the exclusion code, so the run with client 2 excluded
+    is also checked against a 3-client federation built without client 2's data (``federation_without``, see
+    tests/test_exclusion.py for the mutations that only that comparison catches)."""
     cfg = load_config_file(runs["pvi"] / "config.json")
     run_federation(cfg, tmp_path / "again")
     for f in ("posterior.safetensors", "config.json", "metrics.jsonl"):
@@ -445,11 +449,13 @@ def test_retraining_loop_is_the_engine_for_site_rules(runs: dict[str, Path], tmp
         else:
             assert a == b, f
     excl = {**cfg, "exclude-clients": [2]}
-    rows, _ = run_federation(excl, tmp_path / "compact")
+    rows, compact = run_federation(excl, tmp_path / "compact")
     engine_rows = run_experiment(excl, tmp_path / "engine", progress=False)
     assert (tmp_path / "compact" / "posterior.safetensors").read_bytes() == (
         tmp_path / "engine" / "posterior.safetensors").read_bytes()
     assert [r["participants"] for r in rows] == [r["participants"] for r in engine_rows] == [[0, 1, 3]] * 2
+    fresh_rows, fresh, kept = federation_without(cfg, [2], monkeypatch)
+    same_run(fresh_rows, fresh.rule, rows, compact.rule, kept)
 
 
 def _strip_times(text: str) -> list[dict[str, Any]]:
@@ -507,13 +513,20 @@ def test_point_algorithm_is_rejected_in_the_library(runs: dict[str, Path]) -> No
         load_run(runs["fedavg"])
 
 
-def test_engine_exclusion_is_a_federation_without_the_client_for_bayes_admm(tmp_path: Path) -> None:
+def test_engine_exclusion_is_a_federation_without_the_client_for_bayes_admm(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's and the what-if loop's run with client 2 excluded, against a 3-client federation built
+    without client 2's data (``federation_without``: the same run with the clients renamed, bit for bit).
+    Comparing the engine with ``run_federation`` alone could not fail: both run the same exclusion code
+    (this catches the rule built without ``active``, i.e. ρ and α over K = 4: see tests/test_exclusion.py)."""
     cfg = {**DIGITS, "algorithm": "bayes-admm", "lr": 0.05, "exclude-clients": [2]}
     run_experiment(cfg, tmp_path / "engine", progress=False)
-    run_federation(cfg, tmp_path / "compact")
+    rows, compact = run_federation(cfg, tmp_path / "compact")
     a = load_file(str(tmp_path / "engine" / "posterior.safetensors"))
     b = load_file(str(tmp_path / "compact" / "posterior.safetensors"))
-    assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-9) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh_rows, fresh, kept = federation_without({**cfg, "exclude-clients": []}, [2], monkeypatch)
+    same_run(fresh_rows, fresh.rule, rows, compact.rule, kept)
 
 
 def test_a_client_that_never_took_part_is_refused_and_influence_skips_it(tmp_path: Path,
