@@ -50,6 +50,7 @@ from fedbayes.local import (
     LocalResult,
     LocalSettings,
     _check_data,
+    check_stateless,
     initial_curvature,
     laplace_site,
 )
@@ -73,10 +74,20 @@ class Unbatchable(ValueError):
 _RANDOM_OR_STATEFUL = (nn.Dropout, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.modules.batchnorm._NormBase)
 
 
-def check_batchable(model: nn.Module) -> None:
+def check_batchable(model: nn.Module, example: Tensor | None = None) -> None:
     """Raise :class:`Unbatchable` naming why ``model`` cannot be vectorised over clients: buffers (in-place
-    state such as BatchNorm's running statistics), random layers (dropout draws would not match the sequential
-    path's), or a forward that ``torch.func.vmap`` rejects (tried on two stacked copies of the weights)."""
+    state), random layers (dropout draws would not match the sequential path's), or a forward that
+    ``torch.func.vmap`` rejects (tried on two stacked copies of the weights and ``example``, one input of batch
+    size 1; None: :func:`_probe_input`).
+
+    Raises
+    ------
+    fedbayes.local.StatefulModelError
+        A normalisation layer with running statistics (:func:`fedbayes.local.check_stateless`): refused on every
+        path, not only the batched one.
+    Unbatchable
+        As above."""
+    check_stateless(model)
     buffers = [name for name, _ in model.named_buffers()]
     if buffers:
         raise Unbatchable(f"the model has buffers {buffers[:3]} (in-place state such as BatchNorm's running "
@@ -91,7 +102,7 @@ def check_batchable(model: nn.Module) -> None:
     try:
         stacked = {k: torch.stack([v.detach(), v.detach()]) for k, v in named.items()}
         first = next(iter(named.values()))
-        x = _probe_input(model, first)
+        x = _probe_input(model, first) if example is None else example[:1].to(device=first.device, dtype=first.dtype)
         if x is not None:
             torch.func.vmap(lambda p, xb: torch.func.functional_call(model, p, (xb,)))(stacked, x.expand(2, *x.shape))
     except Exception as e:  # vmap's own errors are of many kinds
@@ -99,10 +110,17 @@ def check_batchable(model: nn.Module) -> None:
 
 
 def _probe_input(model: nn.Module, first: Tensor) -> Tensor | None:
-    """A one-example input for the trial forward: the first Linear layer's width (None: no Linear, skip)."""
+    """A one-example input for the trial forward: zeros of the model's ``input_shape`` attribute (every model of
+    :mod:`fedbayes.models` has one), else of the width of the first parametrised module if it is a Linear layer
+    (None: unknown input, skip the trial; :func:`train_batched` tries the clients' own data)."""
+    shape = getattr(model, "input_shape", None)
+    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
+        return torch.zeros(1, *shape, dtype=first.dtype, device=first.device)
     for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            return torch.zeros(1, mod.in_features, dtype=first.dtype, device=first.device)
+        if any(True for _ in mod.parameters(recurse=False)):
+            if isinstance(mod, nn.Linear):
+                return torch.zeros(1, mod.in_features, dtype=first.dtype, device=first.device)
+            return None
     return None
 
 
@@ -162,10 +180,37 @@ def client_bytes(num_params: int, batch_size: int, width: int, mode: str = "ivon
 
 
 def model_client_bytes(model: nn.Module, batch_size: int, mode: str) -> int:
-    """:func:`client_bytes` for ``model`` (its parameter count and the summed widths of its Linear layers)."""
+    """:func:`client_bytes` for ``model``: its parameter count and the summed output sizes of its layers for one
+    example (measured by one forward of zeros where the model states its ``input_shape``, as the built-in models
+    do: a convolution's output is channels × height × width; otherwise the summed widths of its Linear layers)."""
     num_params = sum(p.numel() for p in model.parameters())
-    width = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear)) or 1
-    return client_bytes(num_params, batch_size, width, mode)
+    return client_bytes(num_params, batch_size, _activation_width(model), mode)
+
+
+def _activation_width(model: nn.Module) -> int:
+    linear = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear)) or 1
+    first = next(model.parameters(), None)
+    shape = getattr(model, "input_shape", None)
+    if first is None or not isinstance(shape, tuple):
+        return linear
+    total = 0
+
+    def hook(mod: nn.Module, inp: Any, out: Any) -> None:
+        nonlocal total
+        if isinstance(out, Tensor):
+            total += out.numel()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape, dtype=first.dtype, device=first.device))
+    except Exception:  # a model that does not take its stated shape: the trial forward reports it elsewhere
+        return linear
+    finally:
+        for h in handles:
+            h.remove()
+    return max(total, linear)
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -255,7 +300,7 @@ def train_batched(
     ValueError
         ``batch_clients`` does not fit in memory (raised before any training).
     """
-    check_batchable(model)
+    check_batchable(model, clients[0][1] if clients and len(clients[0][1]) else None)
     named0 = dict(model.named_parameters())
     shapes = {k: tuple(v.shape) for k, v in named0.items()}
     items: list[_Client] = []

@@ -222,7 +222,7 @@ def make_model(exp: Experiment, data: Dataset) -> nn.Module:
     kwargs: dict[str, Any] = {}
     if run.model == "mlp":
         kwargs = {"hidden": run.hidden, "activation": run.activation}
-    return build_model(run.model, data.num_features, outputs, seed=run.seed, **kwargs)
+    return build_model(run.model, data.num_features, outputs, seed=run.seed, input_shape=data.input_shape, **kwargs)
 
 
 def run_experiment(

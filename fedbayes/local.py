@@ -17,6 +17,16 @@ between rounds: optimiser moments start fresh each call and everything that pers
 
 Losses: cross-entropy (``loss="ce"``) and a Gaussian likelihood with noise variance σ² (``loss="gaussian"``,
 ℓ = (y − f)²/(2σ²)).
+
+Models: any ``nn.Module`` whose learnable state is its parameters (linear, convolutional, embedding layers,
+LayerNorm/GroupNorm; any parameter shapes, any input shape): everything here works per named parameter.  State
+outside the parameters is not federated (never sent, averaged or checkpointed), so a model whose buffers change
+in training would let each client's copy drift silently.  Two guards, the same for the sequential and the batched
+clients: :func:`check_stateless` refuses, before any training, a normalisation layer that tracks running
+statistics (BatchNorm, or InstanceNorm with ``track_running_stats``), naming the module and suggesting
+``nn.GroupNorm``; other buffers are allowed as constants (e.g. a fixed mask), and the sequential trainer raises
+:class:`StatefulModelError` if one changed during training (the batched clients refuse models with buffers:
+:func:`fedbayes.batched.check_batchable`).
 """
 
 from __future__ import annotations
@@ -38,8 +48,8 @@ from fedbayes.keys import kebab
 from fedbayes.optim import SGD, Adam, FlatOptimizer
 
 __all__ = [
-    "MODES", "RULE_KEYS", "USER_KEYS", "WIRE_KEYS", "LocalResult", "LocalSettings", "initial_curvature",
-    "laplace_site", "train_local",
+    "MODES", "RULE_KEYS", "USER_KEYS", "WIRE_KEYS", "LocalResult", "LocalSettings", "StatefulModelError",
+    "check_stateless", "initial_curvature", "laplace_site", "train_local",
 ]
 
 IVON_BETA2 = 0.9999
@@ -176,6 +186,51 @@ def initial_curvature(
             h = (s - s_pi) / ess
         out.append(h.to(dtype))
     return out
+
+
+class StatefulModelError(ValueError):
+    """The model keeps state outside its parameters that changes in training (the message names the module)."""
+
+
+def _module_label(name: str, mod: nn.Module) -> str:
+    return f"module '{name}' ({type(mod).__name__})" if name else f"the model itself ({type(mod).__name__})"
+
+
+def check_stateless(model: nn.Module) -> None:
+    """Refuse, before any training, a model with normalisation layers that track running statistics.
+
+    Raises
+    ------
+    StatefulModelError
+        Naming the first such module by its dotted name and class, and suggesting ``nn.GroupNorm``.
+    """
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
+            bufs = [b for b, _ in mod.named_buffers(recurse=False)]
+            raise StatefulModelError(
+                f"{_module_label(name, mod)} keeps running statistics (buffers {bufs}) that change in training; "
+                "fedbayes federates a model's parameters only, so they would be neither sent, aggregated nor "
+                f"checkpointed. Replace it with nn.GroupNorm (e.g. nn.GroupNorm(2, {mod.num_features})) or "
+                "nn.LayerNorm, which keep no running statistics"
+            )
+
+
+def _buffer_snapshot(model: nn.Module) -> dict[str, Tensor]:
+    return {k: b.detach().clone() for k, b in model.named_buffers()}
+
+
+def _check_buffers_unchanged(model: nn.Module, before: Mapping[str, Tensor]) -> None:
+    if not before:
+        return
+    owners = dict(model.named_modules())
+    for k, b in model.named_buffers():
+        if k in before and not torch.equal(before[k].to(b.device), b.detach()):
+            mod_name = k.rpartition(".")[0]
+            raise StatefulModelError(
+                f"buffer '{k}' of {_module_label(mod_name, owners[mod_name])} changed during local training; "
+                "fedbayes federates parameters only (buffers are neither sent, aggregated nor checkpointed): make "
+                "it a parameter, or use a layer without state (e.g. nn.GroupNorm instead of BatchNorm)"
+            )
 
 
 def _check_data(x: Tensor, y: Tensor) -> None:
@@ -399,6 +454,8 @@ def train_local(
         (FedProx/FedADMM/FedDyn put their penalties on the mean loss).
     """
     t0 = time.perf_counter()
+    check_stateless(model)
+    buffers = _buffer_snapshot(model)
     f = _prepare(model, prior, x, y, settings, start_mean)
     site: DiagGaussian | None = None
     extra: dict[str, float] = {}
@@ -408,6 +465,7 @@ def train_local(
         _fit_point(f)
         if settings.laplace:
             site = laplace_site(f.model, f.named, f.prior, f.x, f.ess, settings.loss, settings.noise_var)
+    _check_buffers_unchanged(f.model, buffers)
     for k, p in f.named.items():
         if not bool(torch.isfinite(p).all()):
             raise FloatingPointError(f"local training diverged: parameter '{k}' is not finite (lower lr?)")

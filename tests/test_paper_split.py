@@ -251,6 +251,6 @@ def test_federation_build_uses_raw_pixels_and_the_paper_split(fmnist_y: np.ndarr
     fed = Federation.build(exp)
     assert [len(p) for p in fed.parts] == [n for n, _, _ in NON_IID]
     x0, y0 = fed.client_data[0]
-    assert x0.shape == (30, 784) and float(x0.max()) > 1.0
+    assert x0.shape == (30, 1, 28, 28) and float(x0.max()) > 1.0
     assert np.array_equal(x0.numpy()[:5], fed.data.x_train[NON_IID_HEAD])
     assert y0[:5].tolist() == fmnist_y[NON_IID_HEAD].tolist()

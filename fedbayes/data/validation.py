@@ -180,7 +180,7 @@ def split_validation(
 def _rows_x(data: Dataset, chosen: np.ndarray) -> np.ndarray:
     """Features of training-file rows ``chosen`` (sorted), looked up in the training set and the rest."""
     rows = data.train_rows()
-    out = np.empty((len(chosen), data.num_features), dtype=np.float32)
+    out = np.empty((len(chosen), *data.input_shape), dtype=np.float32)
     sorter = np.argsort(rows, kind="stable")
     at = np.searchsorted(rows, chosen, sorter=sorter)
     pos = sorter[np.minimum(at, len(rows) - 1)] if len(rows) else np.zeros(len(chosen), np.int64)
