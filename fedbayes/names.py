@@ -22,7 +22,7 @@ __all__ = ["ALGORITHMS", "DATASETS", "MODELS", "PARTITIONS", "choice", "did_you_
 
 ALGORITHMS: tuple[str, ...] = ("fedavg", "fedprox", "fedadmm", "feddyn", "fedlap", "fedlap-cov", "pvi", "bayes-admm")
 """The keys of :data:`fedbayes.algorithms.REGISTRY`, in its order."""
-MODELS: tuple[str, ...] = ("linreg", "logreg", "mlp")
+MODELS: tuple[str, ...] = ("cnn", "linreg", "logreg", "mlp", "resnet20")
 """:func:`fedbayes.models.model_names`."""
 DATASETS: tuple[str, ...] = (
     "fmnist", "mnist", "adult", "digits", "breast-cancer", "synthetic-regression", "synthetic-classification",
