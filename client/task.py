@@ -9,7 +9,7 @@ deployment passes ``--node-config "partition-id=0 num-partitions=3"``); the Flow
 **Data.** Either the node config names ``data-path``, the client's own ``.npz`` file with ``x`` (N examples,
 any shape after the first axis, flattened to N x D, float) and ``y`` (N labels: integers 0..C-1 for
 classification, floats for regression), or the client rebuilds partition ``partition-id`` (and nothing else) of the
-run's dataset exactly as the in-process engine does (:func:`fedbayes.engine.one_client`).  The run's configuration
+run's dataset exactly as the in-process engine does (:func:`fedbayes.federation.one_client`).  The run's configuration
 is the one the ServerApp resolved, carried by every message (:mod:`client.records`), so a client reads no presets
 and resolves it once per process; of Flower's run config it reads only ``data-dir``.  Model and data are cached per
 process, so a simulation actor loads them once per run.
@@ -210,7 +210,7 @@ def _data_key(exp: Experiment, spec: NodeSpec, data_dir: Path | None) -> str:
 def _build(exp: Experiment, spec: NodeSpec, data_dir: Path | None) -> LocalData:
     import torch
 
-    from fedbayes.engine import make_model, one_client
+    from fedbayes.federation import make_model, one_client
 
     # the device is chosen per call (a valid change of two validated keys: no second resolve)
     cpu_exp = Experiment(exp.run.model_copy(update={"device": "cpu", "store": "memory"}), exp.algo)
@@ -348,7 +348,7 @@ def garbage_reply(records: Mapping[str, Mapping[str, np.ndarray]], config: Mappi
 
 def handle_train(msg: Message, context: Context) -> Message:
     """Decode the message, train under the prior (:func:`fedbayes.protocol.execute`), reply."""
-    from fedbayes.engine import resolve_device
+    from fedbayes.federation import resolve_device
     from fedbayes.protocol import execute
 
     exp, spec, config = _setup(msg, context)

@@ -49,7 +49,7 @@ def _flat_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str | Non
     (an explicit ``--preset`` still goes on top of the file, as before), then the options.
     """
     from fedbayes.config import load_config_file
-    from simulations.presets import AUTO, apply_preset
+    from fedbayes.presets import AUTO, apply_preset
 
     flat: dict[str, Any] = {}
     if args.config:
@@ -167,8 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedbayes.config import parse_sets
+    from fedbayes.presets import load_preset
     from simulations.compare import reported_predictions, run_grid, summarize
-    from simulations.presets import load_preset
 
     preset = load_preset(args.preset)
     algos = args.algorithms.split(",") if args.algorithms else list(preset.algorithms)
@@ -205,7 +205,7 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from simulations.presets import preset_summaries
+    from fedbayes.presets import preset_summaries
 
     rows = preset_summaries()
     width = max(len(r["name"]) for r in rows)
@@ -288,7 +288,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _preset_type(extra: tuple[str, ...] = ()) -> Any:
     """``--preset``: a built-in preset's name (a typo gets the closest names), one of ``extra`` (``none``), or a
     path to a TOML file (checked when it is loaded)."""
-    from simulations.presets import preset_names, unknown_preset
+    from fedbayes.presets import preset_names, unknown_preset
 
     names = set(preset_names()) | set(extra)
 
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     preset folder, and each command imports what it needs when it runs."""
     from fedbayes import __version__
     from fedbayes.names import ALGORITHMS, DATASETS, MODELS, PARTITIONS, choice
-    from simulations.presets import DATASET_PRESETS, preset_names
+    from fedbayes.presets import DATASET_PRESETS, preset_names
 
     presets = ", ".join(preset_names())
     p = argparse.ArgumentParser(prog="fedbayes", description="Federated variational-Bayes ADMM with IVON clients. "

@@ -11,218 +11,24 @@ checkpoint ends bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import Tensor, nn
-
-from fedbayes.algorithms import Algorithm
-from fedbayes.algorithms.store import ClientStore, DiskStore, MemoryStore, state_dtype
-from fedbayes.config import ConfigError, Experiment, resolve
-from fedbayes.data import Dataset, load_dataset, partition, pool, split_summary
-from fedbayes.data.validation import ValidationSet, split_validation
-from fedbayes.models import build_model
+from fedbayes.config import Experiment, resolve
+from fedbayes.data import split_summary
+from fedbayes.federation import Federation
 from fedbayes.protocol import execute
 from fedbayes.provenance import strip
-from fedbayes.results import ResultsWriter, atomic_write_bytes, check_new_run, checkpoint_files
+from fedbayes.results import ResultsWriter, check_new_run
 from fedbayes.resume import load_resume, prepare_folder
 from fedbayes.rounds import Round, record_round
 
-__all__ = [
-    "Federation", "batched_clients", "client_parts", "load_partitioned", "make_store", "one_client", "resolve_device",
-    "run_experiment", "run_rounds",
-]
+__all__ = ["run_experiment", "run_rounds"]
 
 log = logging.getLogger("fedbayes")
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
-    return device
-
-
-@dataclass
-class Federation:
-    """Data, partition, model and rule of one experiment, ready to run."""
-
-    exp: Experiment
-    data: Dataset
-    parts: list[np.ndarray]
-    model: nn.Module
-    rule: Algorithm
-    device: str
-    client_data: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    x_test: Tensor | None = None
-    y_test: Tensor | None = None
-    validation: ValidationSet | None = None
-    """The validation set (``validation-fraction`` > 0; :mod:`fedbayes.data.validation`), else None."""
-    x_val: Tensor | None = None
-    y_val: Tensor | None = None
-    batched: bool = False
-    """Train each round's clients at once (:mod:`fedbayes.batched`, run key ``client-engine``)."""
-
-    @staticmethod
-    def build(exp: Experiment, out_dir: Path | None = None, data_dir: Path | None = None) -> Federation:
-        run = exp.run
-        data, parts, validation = load_partitioned(exp, data_dir)
-        model = make_model(exp, data)
-        template = {k: v.detach() for k, v in model.named_parameters()}
-        store = make_store(exp, out_dir, {k: tuple(v.shape) for k, v in template.items()})
-        active = [c for c in range(run.num_clients) if c not in set(run.exclude_clients)]
-        rule = exp.algorithm_cls(template, run.num_clients, exp.algo, store=store, active=active)
-        device = resolve_device(run.device)
-        ydt = torch.long if data.task == "classification" else torch.float32
-        client_data = [
-            (torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]).to(ydt)) for idx in parts
-        ]
-        fed = Federation(exp, data, parts, model, rule, device, client_data)
-        fed.batched = batched_clients(exp, model, device)
-        fed.x_test = torch.from_numpy(data.x_test)
-        fed.y_test = torch.from_numpy(data.y_test).to(ydt)
-        if validation is not None:
-            fed.validation = validation
-            fed.x_val = torch.from_numpy(validation.x)
-            fed.y_val = torch.from_numpy(validation.y).to(ydt)
-        return fed
-
-    def eval_data(self) -> tuple[Tensor, Tensor, str]:
-        """What each round is evaluated on (run key ``eval-split``) and its metric-key prefix: the test set
-        (``"test_"``) or the validation set (``"val_"``)."""
-        if self.exp.run.eval_split == "validation":
-            if self.x_val is None or self.y_val is None:
-                raise ValueError("eval-split = 'validation' but the federation has no validation set")
-            return self.x_val, self.y_val, "val_"
-        assert self.x_test is not None and self.y_test is not None
-        return self.x_test, self.y_test, "test_"
-
-    def write_split(self, out_dir: Path) -> None:
-        """``split.json``: the validation split's summary and fingerprint (nothing without a validation set)."""
-        if self.validation is None:
-            return
-        info = {"eval-split": self.exp.run.eval_split, **self.validation.summary()}
-        atomic_write_bytes(Path(out_dir) / "split.json", (json.dumps(info, indent=2) + "\n").encode())
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.shape) for k, v in self.model.named_parameters()}
-
-
-def batched_clients(exp: Experiment, model: nn.Module, device: str) -> bool:
-    """Whether rounds train their clients batched (run key ``client-engine``): ``batched`` → True, or a
-    ``ConfigError`` saying why the model or the local mode cannot be; ``auto`` → True on a GPU where it can be
-    (otherwise one log line and the sequential path); ``sequential`` → False."""
-    from fedbayes.batched import BATCHED_MODES, Unbatchable, check_batchable, chunk_size, model_client_bytes
-
-    choice = exp.run.client_engine
-    if choice == "sequential" or (choice == "auto" and device != "cuda"):
-        return False
-    mode = exp.local_setting("mode")
-    try:
-        if mode not in BATCHED_MODES:
-            raise Unbatchable(f"local mode '{mode}' is not batched (batched modes: {list(BATCHED_MODES)})")
-        check_batchable(model)
-        if exp.run.batch_clients > 0:  # a chunk that does not fit is refused before any training
-            per = model_client_bytes(model, int(exp.local_setting("batch_size")), str(mode))
-            try:
-                chunk_size(exp.run.batch_clients, exp.run.batch_clients, per, torch.device(device))
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-    except Unbatchable as e:
-        if choice == "batched":
-            raise ConfigError(f"client-engine = 'batched': {e}; use client-engine = 'sequential'") from None
-        log.info("client-engine auto: training clients one after another on %s (%s)", device, e)
-        return False
-    return True
-
-
-def load_partitioned(exp: Experiment, data_dir: Path | None = None
-                     ) -> tuple[Dataset, list[np.ndarray], ValidationSet | None]:
-    """The run's dataset, its clients' index arrays and its validation set (``validation-fraction`` > 0: from
-    the examples no client holds, else held out before partitioning; :mod:`fedbayes.data.validation`)."""
-    run = exp.run
-    data = load_dataset(run.dataset, data_dir=data_dir, train_fraction=run.train_fraction, seed=run.seed,
-                        raw_pixels=run.raw_pixels, keep_rest=run.validation_fraction > 0)
-    parts = client_parts(exp, data)
-    validation = None
-    if run.validation_fraction > 0:
-        data, parts, validation = split_validation(data, parts, run.validation_fraction, run.seed,
-                                                   lambda d: client_parts(exp, d))
-    return data, parts, validation
-
-
-def one_client(exp: Experiment, client: int, data_dir: Path | None = None) -> tuple[nn.Module, Tensor, Tensor]:
-    """Client ``client``'s model and data exactly as :meth:`Federation.build` gives them, without the other
-    clients' tensors or a server rule: what a ClientApp needs."""
-    data, parts, _ = load_partitioned(exp, data_dir)
-    if not 0 <= client < len(parts):
-        raise ValueError(f"partition-id {client} out of range [0, {len(parts)})")
-    ydt = torch.long if data.task == "classification" else torch.float32
-    idx = parts[client]
-    return make_model(exp, data), torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx]).to(ydt)
-
-
-def client_parts(exp: Experiment, data: Dataset) -> list[np.ndarray]:
-    """The clients' index arrays into ``data``'s training set: the run's partition scheme with its keys, or, with
-    ``pool-clients`` = K > 0, the union of that scheme's K clients as the one client's data.
-
-    Raises
-    ------
-    ConfigError
-        A partition key that does not fit the loaded data (e.g. ``per-class`` above a class's size).
-    """
-    run = exp.run
-    params: dict[str, Any] = {}
-    if run.partition == "dirichlet":
-        params = {"size_alpha": run.size_alpha, "class_alpha": run.class_alpha}
-    elif run.partition == "shards":
-        params = {"classes_per_client": run.classes_per_client}
-        if run.per_class is not None:
-            params["per_class"] = run.per_class
-    elif run.partition == "paper":
-        params = {"size_alpha": run.size_alpha, "class_alpha": run.class_alpha, "per_class": run.per_class}
-    k = run.pool_clients if run.pool_clients > 0 else run.num_clients
-    try:
-        parts = partition(data.y_train, k, run.partition, seed=run.seed, **params)
-    except ValueError as e:
-        keys = {"per_class": "per-class", "classes_per_client": "classes-per-client", "num_clients": "num-clients"}
-        msg = str(e)
-        for snake, kebab in keys.items():
-            msg = msg.replace(snake, kebab)
-        if run.pool_clients > 0:
-            msg = msg.replace("num-clients", "pool-clients")
-        raise ConfigError(f"partition '{run.partition}' of {run.dataset}: {msg}") from None
-    return [pool(parts)] if run.pool_clients > 0 else parts
-
-
-def make_store(exp: Experiment, out_dir: Path | None, shapes: Mapping[str, tuple[int, ...]]) -> ClientStore:
-    """The run's client store (:mod:`fedbayes.algorithms.store`): ``store = "disk"`` with a results folder keeps
-    the clients in its ``checkpoint/clients`` (the checkpoint's own files, so checkpoints copy nothing); otherwise
-    memory.  Both keep ``client-state-dtype``."""
-    run = exp.run
-    dtype = state_dtype(run.client_state_dtype)
-    if run.store == "disk" and out_dir is not None:
-        files = checkpoint_files(out_dir, exp.to_flat(), shapes=shapes)
-        return DiskStore(files, dtype, cache_bytes=int(run.store_cache_mb * 2**20))
-    return MemoryStore(dtype)
-
-
-def make_model(exp: Experiment, data: Dataset) -> nn.Module:
-    run = exp.run
-    outputs = data.num_classes if data.task == "classification" else 1
-    kwargs: dict[str, Any] = {}
-    if run.model == "mlp":
-        kwargs = {"hidden": run.hidden, "activation": run.activation}
-    return build_model(run.model, data.num_features, outputs, seed=run.seed, input_shape=data.input_shape, **kwargs)
 
 
 def run_experiment(

@@ -40,7 +40,7 @@ from fedbayes.metrics import evaluate_model
 from fedbayes.protocol import InvalidReply, Records, decode_reply, encode_task, nbytes
 
 if TYPE_CHECKING:
-    from fedbayes.engine import Federation
+    from fedbayes.federation import Federation
     from fedbayes.results import ResultsWriter
 
 __all__ = [

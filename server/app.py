@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
         (resume) A missing, truncated or corrupted checkpoint; nothing is written.
     """
     from client.records import arrays_of
-    from fedbayes.engine import Federation
+    from fedbayes.federation import Federation
     from fedbayes.provenance import provenance
     from fedbayes.results import CheckpointError, ResultsWriter
     from fedbayes.resume import load_resume, prepare_folder

@@ -14,7 +14,7 @@ lists every key, laid out as:
   the run key ``round-timeout``.)
 
 The empty string means "unset" (TOML has no null).  ``preset`` says what an unset key takes, exactly as
-``fedbayes run`` does without ``--preset`` (:func:`simulations.presets.apply_preset`): ``"auto"`` (the default)
+``fedbayes run`` does without ``--preset`` (:func:`fedbayes.presets.apply_preset`): ``"auto"`` (the default)
 the run's dataset's default preset (``digits`` -> ``digits-10-het``; a dataset without one: none), a preset name
 that preset, ``""`` none; the preset's value for the chosen algorithm, then the algorithm's default, then
 fedbayes' default.  Every key that is set wins over the preset.  So pyproject.toml leaves almost every key unset
@@ -58,7 +58,7 @@ UNSET = ""
 """Run-config value meaning "not set" (the default applies)."""
 
 PRESET_AUTO = "auto"
-"""``preset`` value: the run's dataset's default preset (:data:`simulations.presets.DATASET_PRESETS`)."""
+"""``preset`` value: the run's dataset's default preset (:data:`fedbayes.presets.DATASET_PRESETS`)."""
 
 FLOWER_KEYS: dict[str, Any] = {
     "preset": PRESET_AUTO,
@@ -191,7 +191,7 @@ def split_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], Flo
     from fedbayes.algorithms import REGISTRY
     from fedbayes.config import ConfigError, RunConfig
     from fedbayes.keys import kebab
-    from simulations.presets import apply_preset
+    from fedbayes.presets import apply_preset
 
     run_keys = {kebab(n) for n in RunConfig.model_fields}
     flat: dict[str, Any] = {}

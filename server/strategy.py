@@ -46,7 +46,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from client.records import EXPERIMENT_KEY, METRIC_RECORD, arrays_of, content_of, records_of
-from fedbayes.engine import Federation
+from fedbayes.federation import Federation
 from fedbayes.protocol import InvalidReply, nbytes
 from fedbayes.results import ResultsWriter
 from fedbayes.rounds import Round, record_round
@@ -85,7 +85,7 @@ class FedBayesStrategy(Strategy):
     Parameters
     ----------
     fed
-        The experiment's data, partition, model and rule (:meth:`fedbayes.engine.Federation.build`).
+        The experiment's data, partition, model and rule (:meth:`fedbayes.federation.Federation.build`).
     writer
         The results folder (None: keep nothing on disk).
     query_timeout_s

@@ -225,8 +225,9 @@ def step_breakdown(c: int = 16, n: int = 640, blocks: int = 7) -> dict[str, Any]
 def run_ratio(algorithms: list[str], rounds: int, clients: int) -> dict[str, Any]:
     """fmnist-100-het for ``rounds`` rounds, sequential then batched, per rule: wall seconds and their ratio."""
     from fedbayes.config import resolve
-    from fedbayes.engine import Federation, run_rounds
-    from simulations.presets import load_preset
+    from fedbayes.engine import run_rounds
+    from fedbayes.federation import Federation
+    from fedbayes.presets import load_preset
 
     res: dict[str, Any] = {}
     for alg in algorithms:

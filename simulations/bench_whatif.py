@@ -77,7 +77,7 @@ def bootstrap_spearman(pred: Sequence[float], actual: Sequence[float], draws: in
 
 
 def _config(case: str, algorithm: str, rounds: int | None, seed: int | None = None) -> dict[str, Any]:
-    from simulations.presets import load_preset
+    from fedbayes.presets import load_preset
 
     spec = CASES[case]
     sets = dict(spec["sets"])

@@ -46,9 +46,9 @@ import numpy as np
 
 from fedbayes.config import ConfigError, load_config_file, resolve
 from fedbayes.noise import share_cores
+from fedbayes.presets import Preset, centralized_config, centralized_ivon_config
 from fedbayes.results import RunExistsError, holds_run, read_metrics
 from fedbayes.resume import MAY_CHANGE
-from simulations.presets import Preset, centralized_config, centralized_ivon_config
 
 __all__ = [
     "IGNORED", "aggregate_runs", "plan_cells", "plot_curves", "reported_predictions", "run_grid", "run_settings",
@@ -158,7 +158,7 @@ def run_grid(
 ) -> dict[str, list[Path]]:
     """Run every (algorithm, seed) and the two pooled-data rows, ``centralized`` (FedAvg's local settings: Adam)
     and ``centralized-ivon`` (IVON with the Bayesian rules' settings, with a posterior average;
-    :func:`simulations.presets.centralized_ivon_config`); returns run folders by row name.  Folders are reused,
+    :func:`fedbayes.presets.centralized_ivon_config`); returns run folders by row name.  Folders are reused,
     continued or refused as :func:`plan_cells` says (``force``: rerun the cells whose settings differ)."""
     todo: list[Cell] = []
     cells: list[tuple[dict[str, Any], Path]] = []

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedbayes.config import Experiment
-    from fedbayes.engine import Federation
+    from fedbayes.federation import Federation
     from fedbayes.gaussian import DiagGaussian
 
 __all__ = ["EVAL_KEYS", "SavedRun", "add_subparsers", "evaluate_run"]
@@ -61,7 +61,7 @@ class SavedRun:
         :mod:`fedbayes.data.validation` from the training-file examples no client holds (refused when that would
         hold examples out of the clients' data: the posterior was trained on them)."""
         from fedbayes.config import ConfigError, load_config_file, resolve
-        from fedbayes.engine import Federation
+        from fedbayes.federation import Federation
         from fedbayes.gaussian import DiagGaussian
         from fedbayes.results import read_metrics, read_posterior
 
@@ -92,7 +92,7 @@ class SavedRun:
         """Metrics on ``split`` (``"validation"``, ``"test"``; None: the run's ``eval-split``) with the run's
         prediction settings changed by ``sets`` (keys in :data:`EVAL_KEYS`)."""
         from fedbayes.config import ConfigError, resolve
-        from fedbayes.engine import resolve_device
+        from fedbayes.federation import resolve_device
         from fedbayes.metrics import evaluate_model
 
         sets = kebab_keys(sets)

@@ -38,7 +38,7 @@ RESUMED = "bayes-admm"
 
 def golden_configs() -> dict[str, dict[str, Any]]:
     """Run name -> resolved flat config (in-process runs; a flower run reuses its rule's config)."""
-    from simulations.presets import load_preset
+    from fedbayes.presets import load_preset
 
     preset = load_preset(PRESET)
     out = {}

@@ -47,8 +47,9 @@ def engines(out: Path, *, device: str = "cuda", compare_rounds: int = 2, paper_r
     second of each over ``compare_rounds`` rounds (no evaluation), then ``paper_rounds`` rounds with batched
     clients and the preset's evaluation (wall time, final test accuracy)."""
     from fedbayes.config import resolve
-    from fedbayes.engine import Federation, run_experiment, run_rounds
-    from simulations.presets import load_preset
+    from fedbayes.engine import run_experiment, run_rounds
+    from fedbayes.federation import Federation
+    from fedbayes.presets import load_preset
 
     def flat(engine: str, rounds: int) -> dict[str, Any]:
         return load_preset("fmnist-100-het").config_for("bayes-admm", {

@@ -17,7 +17,8 @@ import fedbayes.batched as batched
 from fedbayes.algorithms import algorithm_names
 from fedbayes.batched import Unbatchable, check_batchable, train_batched
 from fedbayes.config import ConfigError, resolve
-from fedbayes.engine import batched_clients, run_experiment
+from fedbayes.engine import run_experiment
+from fedbayes.federation import batched_clients
 from fedbayes.gaussian import DiagGaussian
 from fedbayes.local import LocalSettings, StatefulModelError, train_local
 from fedbayes.models import build_model

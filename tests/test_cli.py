@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedbayes.cli import main
-from simulations.presets import load_preset, preset_names
+from fedbayes.presets import load_preset, preset_names
 
 
 def test_algorithms_lists_registry(capsys: pytest.CaptureFixture[str]) -> None:

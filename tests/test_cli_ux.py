@@ -80,7 +80,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_presets_lists_name_dataset_description(capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations.presets import load_preset, preset_names
+    from fedbayes.presets import load_preset, preset_names
 
     assert main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -239,7 +239,7 @@ def test_one_client_is_the_federations_client() -> None:
     """What a ClientApp builds (only its partition, no rule) equals that client of the full federation, with a
     validation hold-out too (the hold-out changes the partition)."""
     from fedbayes.config import resolve
-    from fedbayes.engine import Federation, one_client
+    from fedbayes.federation import Federation, one_client
 
     for extra in ({}, {"validation-fraction": 0.2}):
         exp = resolve({**config("fedavg"), **extra})

@@ -127,7 +127,8 @@ def federation_without(flat: dict[str, Any], out: list[int], monkeypatch: pytest
 
     import fedbayes.rounds as rounds
     from fedbayes.config import resolve
-    from fedbayes.engine import Federation, load_partitioned, run_rounds
+    from fedbayes.engine import run_rounds
+    from fedbayes.federation import Federation, load_partitioned
 
     k = int(flat["num-clients"])
     kept = [c for c in range(k) if c not in out]
@@ -185,7 +186,8 @@ def test_exclusion_is_a_federation_that_never_had_the_client(algo: str, extra: d
         +        available = self.num_clients
     """
     from fedbayes.config import resolve
-    from fedbayes.engine import Federation, run_rounds
+    from fedbayes.engine import run_rounds
+    from fedbayes.federation import Federation
 
     flat = {**SMALL, "algorithm": algo, **extra}
     rows, fed, kept = federation_without(flat, [1], monkeypatch)
@@ -222,7 +224,8 @@ def test_injected_failures_are_clients_that_were_never_reached(monkeypatch: pyte
         +        if not reachable or injected_failure(self.exp, r, client) == "failed":
     """
     from fedbayes.config import resolve
-    from fedbayes.engine import Federation, run_rounds
+    from fedbayes.engine import run_rounds
+    from fedbayes.federation import Federation
 
     fail, strag = 0.2, 0.3
     flat = {**SMALL, "algorithm": "bayes-admm", "rounds": 4, "seed": 3}

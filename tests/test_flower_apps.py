@@ -23,7 +23,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import app as client_app
 from client.task import node_spec
 from fedbayes.config import ConfigError, resolve
-from fedbayes.engine import Federation, run_experiment
+from fedbayes.engine import run_experiment
+from fedbayes.federation import Federation
 from fedbayes.protocol import encode_task
 from fedbayes.results import read_metrics, read_posterior
 from fedbayes.rounds import client_config

@@ -44,7 +44,7 @@ def _bad_app(tmp: Path) -> Path:
     """A copy of this Flower App whose pyproject run config has a key fedbayes does not know."""
     app = tmp / "bad-app"
     app.mkdir()
-    for pkg in ("fedbayes", "server", "client", "simulations"):  # simulations: the presets travel in the FAB
+    for pkg in ("fedbayes", "server", "client"):  # the presets travel in the FAB inside fedbayes/
         shutil.copytree(ROOT / pkg, app / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     text = (ROOT / "pyproject.toml").read_text()
     (app / "pyproject.toml").write_text(text.replace("[tool.flwr.app.config]\n",

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-import fedbayes.engine as engine
+import fedbayes.federation as federation
 from fedbayes.algorithms import algorithm_names
 from fedbayes.batched import check_batchable, train_batched
 from fedbayes.curvature import diag_ggn
@@ -173,7 +173,7 @@ TINY: dict[str, Any] = {
 def test_every_rule_runs_a_model_of_any_shapes(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every server rule, the wire format and the disk store on the mixed model: 2 rounds; the posterior has every
     parameter in its own shape and is finite."""
-    monkeypatch.setattr(engine, "make_model", lambda exp, data: _mixed(exp.run.seed))
+    monkeypatch.setattr(federation, "make_model", lambda exp, data: _mixed(exp.run.seed))
     cfg = {**TINY, "algorithm": name, "store": "disk"}
     if name in ("fedprox", "feddyn"):
         cfg["mode"] = "sgd"

@@ -15,8 +15,8 @@ import pytest
 from fedbayes.config import ConfigError, resolve
 from fedbayes.data import data_dir, load_dataset, partition, pool
 from fedbayes.data.partition import paper_counts
-from fedbayes.engine import client_parts
-from simulations.presets import centralized_config, load_preset
+from fedbayes.federation import client_parts
+from fedbayes.presets import centralized_config, load_preset
 
 # paper-split.md: client -> (N_k, class counts 0..9, sha256[:16] of the sorted int64 indices)
 NON_IID = [
@@ -245,7 +245,7 @@ def test_raw_pixels_fmnist_are_255x(fmnist_y: np.ndarray) -> None:
 
 
 def test_federation_build_uses_raw_pixels_and_the_paper_split(fmnist_y: np.ndarray) -> None:
-    from fedbayes.engine import Federation
+    from fedbayes.federation import Federation
 
     exp = resolve({**load_preset("fmnist-10-het-paper").config_for("fedavg"), "hidden": "8"})
     fed = Federation.build(exp)

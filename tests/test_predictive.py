@@ -176,7 +176,8 @@ def test_evaluate_gives_a_run_without_one_a_validation_set_from_unused_examples(
     from the examples no client holds (the same rows a run trained with that fraction would have); refused when
     only a hold-out out of the clients' data is possible."""
     from fedbayes.config import ConfigError, resolve
-    from fedbayes.engine import Federation, run_experiment
+    from fedbayes.engine import run_experiment
+    from fedbayes.federation import Federation
     from simulations.evaluate import evaluate_run
 
     flat = {"dataset": "digits", "algorithm": "pvi", "num-clients": 3, "rounds": 1, "hidden": "8", "epochs": 1,

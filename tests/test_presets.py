@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedbayes.config import ConfigError, resolve
-from simulations.presets import load_preset, preset_names
+from fedbayes.presets import load_preset, preset_names
 
 
 def test_every_preset_resolves_for_every_algorithm_it_lists() -> None:

@@ -122,7 +122,8 @@ def test_checkpoint_writes_only_the_participants_and_resume_is_bit_identical(sto
 def test_float32_client_state_keeps_running_sums_exact(tmp_path: Path) -> None:
     from fedbayes.algorithms.base import RECOMPUTE_EVERY
     from fedbayes.config import resolve
-    from fedbayes.engine import Federation, run_rounds
+    from fedbayes.engine import run_rounds
+    from fedbayes.federation import Federation
 
     exp = resolve(_config(200, RECOMPUTE_EVERY - 1, "memory", **{"client-state-dtype": "float32"}))
     fed = Federation.build(exp)

@@ -22,8 +22,9 @@ from fedbayes.algorithms import REGISTRY
 from fedbayes.cli import main
 from fedbayes.config import ConfigError, load_config_file, resolve
 from fedbayes.data import load_dataset
-from fedbayes.engine import Federation, run_experiment
-from simulations.presets import load_preset
+from fedbayes.engine import run_experiment
+from fedbayes.federation import Federation
+from fedbayes.presets import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"dataset": "digits", "num-clients": 2, "rounds": 2, "epochs": 1, "seed": 3}

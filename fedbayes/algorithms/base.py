@@ -65,7 +65,7 @@ class AlgorithmConfig(BaseModel):
     alternative_keys: ClassVar[tuple[tuple[str, ...], ...]] = ()
     """Groups of kebab-case keys that set one quantity in different ways and may not be given together (e.g.
     ``rho`` / ``rho-k``); a layered config (preset ← user) drops the lower layer's alternatives of a key the upper
-    layer sets (:meth:`simulations.presets.Preset.config_for`)."""
+    layer sets (:meth:`fedbayes.presets.Preset.config_for`)."""
 
     min_prec: float = 1e-8
     """Floor applied wherever a global precision is formed (it is inverted for the mean)."""

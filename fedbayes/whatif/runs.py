@@ -13,7 +13,8 @@ import torch
 
 from fedbayes.algorithms import Algorithm, DiskStore
 from fedbayes.config import Experiment, resolve
-from fedbayes.engine import Federation, make_model, run_rounds
+from fedbayes.engine import run_rounds
+from fedbayes.federation import Federation, make_model
 from fedbayes.gaussian import DiagGaussian, check_same_layout
 from fedbayes.results import ResultsWriter, load_checkpoint
 from fedbayes.rounds import evaluate_posterior_on

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from fedbayes.names import ALGORITHMS, choice
-from simulations.presets import preset_names
+from fedbayes.presets import preset_names
 
 OBJECTIVE_NAMES = ("accuracy", "nll")
 """``--objective`` choices: the keys of :data:`simulations.tune.spec.OBJECTIVES` (a test keeps them equal), listed here

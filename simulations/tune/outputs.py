@@ -15,8 +15,8 @@ from fedbayes.algorithms import REGISTRY
 from fedbayes.algorithms.space import describe_space
 from fedbayes.config import ConfigError, resolve
 from fedbayes.keys import kebab
+from fedbayes.presets import PRESET_DIR, load_preset
 from fedbayes.results import atomic_write_bytes
-from simulations.presets import PRESET_DIR, load_preset
 
 if TYPE_CHECKING:
     import optuna

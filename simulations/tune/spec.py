@@ -11,7 +11,7 @@ from fedbayes.algorithms import REGISTRY
 from fedbayes.algorithms.space import Dim, describe_space
 from fedbayes.config import ConfigError, resolve
 from fedbayes.keys import kebab_keys
-from simulations.presets import load_preset
+from fedbayes.presets import load_preset
 
 if TYPE_CHECKING:
     pass

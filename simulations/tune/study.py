@@ -242,7 +242,7 @@ def _shares(n: int, jobs: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------ driver
 def _split_summary(spec: TuneSpec) -> dict[str, Any]:
     """The validation split every trial uses (one data load; also checks the dataset is there)."""
-    from fedbayes.engine import Federation
+    from fedbayes.federation import Federation
 
     fed = Federation.build(resolve({**spec.base, "device": "cpu", "store": "memory"}))
     assert fed.validation is not None

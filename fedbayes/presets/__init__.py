@@ -1,4 +1,4 @@
-"""Presets: readable TOML files under ``simulations/presets/`` that fix a benchmark setting.
+"""Presets: readable TOML files beside this module (``fedbayes/presets/``) that fix a benchmark setting.
 
 A preset has a ``[base]`` table (run keys shared by every algorithm), one ``[algorithms.NAME]`` table per
 algorithm it compares (that algorithm's hyperparameters and local settings, named as in the paper that
@@ -43,7 +43,7 @@ __all__ = [
     "preset_summaries",
 ]
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parent
 
 DATASET_PRESETS: dict[str, str] = {
     "digits": "digits-10-het",
