@@ -166,10 +166,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedbayes.config import parse_sets
+    from fedbayes.config import ConfigError, parse_sets
     from fedbayes.presets import load_preset
     from simulations.compare import reported_predictions, run_grid, summarize
 
+    if args.tune is not None:  # the whole protocol: tune every rule on validation, then test (docs/tuning.md)
+        from simulations.tune.protocol import cmd_compare_tune
+
+        return cmd_compare_tune(args)
+    if args.objective or args.pruner:
+        raise ConfigError("--objective and --pruner choose how --tune N tunes; add --tune N (trials per rule)")
     preset = load_preset(args.preset)
     algos = args.algorithms.split(",") if args.algorithms else list(preset.algorithms)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [int(preset.base.get("seed", 0))]
@@ -383,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", metavar="DIR", help="the comparison folder (default runs/compare-PRESET)")
     c.add_argument("--force", action="store_true",
                    help="rerun the runs in --out made with other settings (default: refused, naming the keys)")
+    c.add_argument("--tune", type=int, metavar="N",
+                   help="first tune every rule with N trials on the validation split (studies in OUT/tune/RULE), "
+                        "then run each rule's best setting on the test set: tables per objective, protocol.json")
+    c.add_argument("--objective", choices=["both", "accuracy", "nll"],
+                   help="with --tune: both (default; one study per rule, pruned by accuracy, both tables), "
+                        "accuracy or nll")
+    c.add_argument("--pruner", choices=["hyperband", "halving", "median", "none"],
+                   help="with --tune: how trials stop early over rounds (default hyperband)")
     c.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     c.set_defaults(fn=cmd_compare)
 

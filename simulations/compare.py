@@ -51,8 +51,8 @@ from fedbayes.results import RunExistsError, holds_run, read_metrics
 from fedbayes.resume import MAY_CHANGE
 
 __all__ = [
-    "IGNORED", "aggregate_runs", "plan_cells", "plot_curves", "reported_predictions", "run_grid", "run_settings",
-    "summarize", "write_tables",
+    "IGNORED", "aggregate_runs", "cell_folder", "grid_rows", "plan_cells", "plot_curves", "reported_predictions",
+    "run_cells", "run_grid", "run_settings", "summarize", "write_tables",
 ]
 
 METRICS = ("test_accuracy", "test_nll", "test_ece", "test_brier")
@@ -145,6 +145,53 @@ def plan_cells(cells: Sequence[tuple[dict[str, Any], Path]], force: bool = False
     return plans
 
 
+def grid_rows(
+    preset: Preset,
+    algorithms: Sequence[str],
+    seeds: Sequence[int],
+    sets: dict[str, Any] | None = None,
+    centralized: bool = True,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The (row name, flat config) of every cell of a preset's grid: each (algorithm, seed), then the pooled-data
+    rows ``centralized`` and ``centralized-ivon`` per seed (``centralized``)."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for algo in algorithms:
+        for s in seeds:
+            rows.append((algo, {**preset.config_for(algo, sets), "seed": s}))
+    if centralized:
+        for s in seeds:
+            rows.append(("centralized", centralized_config(preset, s, sets)))
+        for s in seeds:
+            rows.append(("centralized-ivon", centralized_ivon_config(preset, s, sets)))
+    return rows
+
+
+def cell_folder(out_dir: Path, name: str, cfg: dict[str, Any]) -> Path:
+    """A cell's run folder: ``out_dir/NAME/seed-S`` (validates the config)."""
+    return out_dir / name / f"seed-{resolve(cfg).run.seed}"
+
+
+def run_cells(cells: Sequence[tuple[dict[str, Any], Path]], jobs: int = 1, progress: bool = True,
+              force: bool = False) -> None:
+    """Run every (flat config, folder) cell that :func:`plan_cells` does not find done (reused, continued or
+    refused as it says), ``jobs`` at a time (processes, one torch thread each)."""
+    todo: list[Cell] = []
+    for (cfg, _), (out, how) in zip(cells, plan_cells(cells, force), strict=True):
+        if how != "done":
+            todo.append((cfg, str(out), progress and jobs == 1, how))
+    if jobs > 1 and len(todo) > 1:
+        os.environ.setdefault("FEDBAYES_THREADS", "1")
+        share_cores(jobs, int(os.environ["FEDBAYES_THREADS"]))  # no spare core: no noise thread (fedbayes.noise)
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(jobs, initializer=_ignore_sigint) as pool:
+            for done in pool.imap_unordered(_run_one, todo):
+                print(f"[fedbayes] finished {done}", flush=True)
+    else:
+        for item in todo:
+            _run_one(item)
+            print(f"[fedbayes] finished {item[1]}", flush=True)
+
+
 def run_grid(
     preset: Preset,
     algorithms: Sequence[str],
@@ -160,37 +207,13 @@ def run_grid(
     and ``centralized-ivon`` (IVON with the Bayesian rules' settings, with a posterior average;
     :func:`fedbayes.presets.centralized_ivon_config`); returns run folders by row name.  Folders are reused,
     continued or refused as :func:`plan_cells` says (``force``: rerun the cells whose settings differ)."""
-    todo: list[Cell] = []
     cells: list[tuple[dict[str, Any], Path]] = []
     folders: dict[str, list[Path]] = {}
-    rows: list[tuple[str, dict[str, Any]]] = []
-    for algo in algorithms:
-        for s in seeds:
-            rows.append((algo, {**preset.config_for(algo, sets), "seed": s}))
-    if centralized:
-        for s in seeds:
-            rows.append(("centralized", centralized_config(preset, s, sets)))
-        for s in seeds:
-            rows.append(("centralized-ivon", centralized_ivon_config(preset, s, sets)))
-    for name, cfg in rows:  # validate everything before any training
-        exp = resolve(cfg)
-        out = out_dir / name / f"seed-{exp.run.seed}"
+    for name, cfg in grid_rows(preset, algorithms, seeds, sets, centralized):  # validate everything first
+        out = cell_folder(out_dir, name, cfg)
         folders.setdefault(name, []).append(out)
         cells.append((cfg, out))
-    for (cfg, _), (out, how) in zip(cells, plan_cells(cells, force), strict=True):
-        if how != "done":
-            todo.append((cfg, str(out), progress and jobs == 1, how))
-    if jobs > 1 and len(todo) > 1:
-        os.environ.setdefault("FEDBAYES_THREADS", "1")
-        share_cores(jobs, int(os.environ["FEDBAYES_THREADS"]))  # no spare core: no noise thread (fedbayes.noise)
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(jobs, initializer=_ignore_sigint) as pool:
-            for done in pool.imap_unordered(_run_one, todo):
-                print(f"[fedbayes] finished {done}", flush=True)
-    else:
-        for item in todo:
-            _run_one(item)
-            print(f"[fedbayes] finished {item[1]}", flush=True)
+    run_cells(cells, jobs, progress, force)
     return folders
 
 

@@ -11,6 +11,8 @@ from fedbayes.presets import preset_names
 OBJECTIVE_NAMES = ("accuracy", "nll")
 """``--objective`` choices: the keys of :data:`simulations.tune.spec.OBJECTIVES` (a test keeps them equal), listed here
 so that building the parser imports neither torch nor Optuna."""
+PRUNER_NAMES = ("median", "hyperband", "halving", "none")
+"""``--pruner`` choices: :data:`simulations.tune.spec.PRUNERS` (a test keeps them equal)."""
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -22,7 +24,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     spec = make_spec(
         args.preset, args.algorithm, args.trials, rounds=args.rounds, jobs=args.jobs, seed=args.seed, out=args.out,
         storage=args.storage, sets=parse_sets(args.set), objective=args.objective, predictor=args.predictor,
-        quiet=args.quiet,
+        quiet=args.quiet, pruner=args.pruner,
     )
     info = tune(spec)
     best = info.get("best")
@@ -64,6 +66,9 @@ def add_subparsers(sub: Any) -> None:
                    help="nll: minimise validation NLL; accuracy: maximise validation accuracy (last 3 rounds)")
     t.add_argument("--predictor", choices=["mean", "bma"], default="mean",
                    help="score the global mean's prediction or (Bayesian rules) the posterior average")
+    t.add_argument("--pruner", choices=PRUNER_NAMES, default="median",
+                   help="which trials stop early, judged per round: median (default), hyperband or halving "
+                        "(multi-fidelity over rounds), none")
     t.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     t.set_defaults(fn=cmd_tune)
 

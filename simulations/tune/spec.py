@@ -23,8 +23,15 @@ LAST_ROUNDS = 3
 """The objective averages the validation metric over this many last evaluated rounds (as ``compare`` does)."""
 OBJECTIVES: dict[str, tuple[str, str]] = {"nll": ("minimize", "nll"), "accuracy": ("maximize", "accuracy")}
 """``--objective`` -> (direction, metric name)."""
-IDENTITY_KEYS = ("preset", "algorithm", "rounds", "objective", "predictor", "search-space", "trial-config")
+PRUNERS = ("median", "hyperband", "halving", "none")
+"""``--pruner`` choices (:func:`simulations.tune.study.make_pruner`): Optuna's MedianPruner (``fedbayes tune``'s
+default), HyperbandPruner and SuccessiveHalvingPruner (multi-fidelity over rounds; ``compare --tune`` defaults to
+Hyperband, see docs/tuning.md), or no pruning."""
+IDENTITY_KEYS = ("preset", "algorithm", "rounds", "objective", "predictor", "pruner", "search-space", "trial-config")
 """What a study remembers (user attributes) and refuses to mix."""
+IDENTITY_DEFAULTS = {"pruner": "median"}
+"""The value of an identity key a study made before the key existed holds (studies without a ``pruner`` attribute
+were pruned by the median rule)."""
 _IGNORED_IN_IDENTITY = ("device", "store", "store-cache-mb")
 """Run keys that do not change a trial's result (they may differ between machines sharing a study)."""
 
@@ -63,6 +70,8 @@ class TuneSpec:
         The preset's ``[algorithms.A]`` table with the ``--set`` keys fixed from the space.
     sets
         The ``--set`` overrides (for best.toml's header).
+    pruner
+        One of :data:`PRUNERS`: which trials stop early, judged on the objective's metric per round.
     """
 
     preset: str
@@ -81,6 +90,7 @@ class TuneSpec:
     sets: dict[str, Any] = field(default_factory=dict)
     jobs: int = 1
     quiet: bool = False
+    pruner: str = "median"
 
     @property
     def study_name(self) -> str:
@@ -101,7 +111,8 @@ class TuneSpec:
                      if k not in self.space and k not in _IGNORED_IN_IDENTITY}
         return {
             "preset": self.preset, "algorithm": self.algorithm, "rounds": self.rounds, "objective": self.objective,
-            "predictor": self.predictor, "search-space": describe_space(self.space), "trial-config": trial_cfg,
+            "predictor": self.predictor, "pruner": self.pruner, "search-space": describe_space(self.space),
+            "trial-config": trial_cfg,
         }
 
 
@@ -120,6 +131,7 @@ def make_spec(
     objective: str = "nll",
     predictor: str = "mean",
     quiet: bool = False,
+    pruner: str = "median",
 ) -> TuneSpec:
     """Validate a tune command (every check happens here, before anything is written).
 
@@ -127,7 +139,8 @@ def make_spec(
     ------
     ConfigError
         Unknown preset or algorithm, an algorithm without a search space, a bad ``--set``, ``--trials``,
-        ``--jobs``, ``--objective`` or ``--predictor``, or a search space whose edges the config rejects.
+        ``--jobs``, ``--objective``, ``--predictor`` or ``--pruner``, or a search space whose edges the config
+        rejects.
     """
     p = load_preset(preset)
     if algorithm not in REGISTRY:
@@ -143,6 +156,8 @@ def make_spec(
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective '{objective}'; valid: {sorted(OBJECTIVES)}")
+    if pruner not in PRUNERS:
+        raise ConfigError(f"unknown pruner '{pruner}'; valid: {list(PRUNERS)}")
     if predictor not in ("mean", "bma"):
         raise ConfigError(f"unknown predictor '{predictor}'; valid: ['bma', 'mean']")
     if predictor == "bma" and not cls.bayesian:
@@ -180,5 +195,5 @@ def make_spec(
     return TuneSpec(
         preset=p.name, algorithm=algorithm, trials=int(trials), rounds=exp.run.rounds, objective=objective,
         predictor=predictor, seed=int(seed), out=folder, storage=url, own_storage=own, base=base, space=space,
-        table=table, sets={k: v for k, v in user.items()}, jobs=int(jobs), quiet=quiet,
+        table=table, sets={k: v for k, v in user.items()}, jobs=int(jobs), quiet=quiet, pruner=pruner,
     )

@@ -17,7 +17,7 @@ from fedbayes.noise import share_cores
 if TYPE_CHECKING:
     import optuna
 from simulations.tune.outputs import _counts, write_best, write_plots
-from simulations.tune.spec import IDENTITY_KEYS, LAST_ROUNDS, TuneSpec
+from simulations.tune.spec import IDENTITY_DEFAULTS, IDENTITY_KEYS, LAST_ROUNDS, OBJECTIVES, TuneSpec
 
 
 # ------------------------------------------------------------------------------------------------ storage
@@ -37,7 +37,7 @@ def _storage(spec: TuneSpec) -> optuna.storages.RDBStorage:
 
 def _mismatch(attrs: Mapping[str, Any], ident: Mapping[str, Any], where: str) -> str | None:
     for key in IDENTITY_KEYS:
-        have, want = attrs.get(key), ident[key]
+        have, want = attrs.get(key, IDENTITY_DEFAULTS.get(key)), ident[key]
         if have == want:
             continue
         if isinstance(have, dict) and isinstance(want, dict):
@@ -130,18 +130,36 @@ class Diverged(FloatingPointError):
     """A trial's validation metric is not finite."""
 
 
+def metric_keys(spec: TuneSpec) -> dict[str, str]:
+    """Every objective's metrics.jsonl key for the spec's predictor, e.g. ``{"nll": "val_nll", "accuracy":
+    "val_accuracy"}``: each trial records all of them (user attributes), whichever one the study optimises."""
+    prefix = "bma_" if spec.predictor == "bma" else ""
+    return {name: f"{prefix}val_{metric}" for name, (_, metric) in OBJECTIVES.items()}
+
+
 def make_objective(spec: TuneSpec) -> Callable[[optuna.Trial], float]:
-    """The Optuna objective: one in-process run with the sampled values; reports every evaluated round."""
+    """The Optuna objective: one in-process run with the sampled values; reports every evaluated round.
+
+    A trial that completes also records, as user attributes, the mean of the last :data:`LAST_ROUNDS` rounds of
+    every objective's metric (:func:`metric_keys`: ``val_accuracy`` and ``val_nll``), so one study can name the
+    best trial for either objective; every trial records ``seconds`` (wall) and ``cpu-seconds`` (this process's
+    CPU time, all its threads)."""
     import optuna
 
     from fedbayes import engine
+
+    keys = metric_keys(spec)
 
     def objective(trial: optuna.Trial) -> float:
         params = {k: dim.suggest(trial, k) for k, dim in spec.space.items()}
         exp = resolve({**spec.base, **params})
         values: list[float] = []
+        others: dict[str, list[float]] = {k: [] for k in keys.values()}
 
         def on_round(row: dict[str, Any]) -> None:
+            for k, seen in others.items():
+                if k in row:
+                    seen.append(float(row[k]))
             if spec.metric not in row:
                 return
             v = float(row[spec.metric])
@@ -152,7 +170,7 @@ def make_objective(spec: TuneSpec) -> Callable[[optuna.Trial], float]:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"round {row['round']}: {spec.metric} = {v:.4g}")
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             engine.run_experiment(exp, None, progress=False, on_round=on_round)
         except (ArithmeticError, ValueError, RuntimeError) as e:  # diverged (or every client failed): pruned
@@ -160,9 +178,13 @@ def make_objective(spec: TuneSpec) -> Callable[[optuna.Trial], float]:
             raise optuna.TrialPruned(f"diverged: {e}") from None
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
+            trial.set_user_attr("cpu-seconds", round(time.process_time() - c0, 2))
         if not values:
             trial.set_user_attr("diverged", f"no {spec.metric} in any round")
             raise optuna.TrialPruned(f"no {spec.metric}")
+        for k, seen in others.items():
+            if seen:
+                trial.set_user_attr(k, float(np.mean(seen[-LAST_ROUNDS:])))
         return float(np.mean(values[-LAST_ROUNDS:]))
 
     return objective
@@ -174,12 +196,38 @@ def _sampler_seed(spec: TuneSpec, finished: int, worker: int, attempt: int) -> i
     return int(np.random.SeedSequence([spec.seed, finished, worker, attempt]).generate_state(1)[0])
 
 
+def make_pruner(name: str, rounds: int) -> optuna.pruners.BasePruner:
+    """The pruner ``--pruner NAME`` names, over the rounds (steps) of a ``rounds``-round trial.
+
+    * ``median`` (``fedbayes tune``'s default, unchanged): stop a trial whose value is worse than the median of
+      earlier trials at the same round, after 5 trials and a warm-up of a quarter of the rounds;
+    * ``hyperband`` (``compare --tune``'s default): Optuna's HyperbandPruner, reduction factor 3, from
+      ``max(1, rounds // 8)`` to ``rounds`` rounds: several successive-halving brackets with different first
+      rungs, so some trials are judged only late (a slow starter, e.g. a small learning rate, is not lost to
+      round-1 noise) while others are stopped early;
+    * ``halving``: one successive-halving bracket (SuccessiveHalvingPruner) with the same minimum and factor,
+      the most aggressive;
+    * ``none``: every trial runs all rounds.
+    """
+    import optuna
+
+    first = max(1, rounds // 8)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, rounds // 4))
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=rounds, reduction_factor=3)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"unknown pruner '{name}'")
+
+
 def _samplers(spec: TuneSpec, seed: int) -> tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]:
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, spec.trials // 3)))
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, spec.rounds // 4))
-    return sampler, pruner
+    return sampler, make_pruner(spec.pruner, spec.rounds)
 
 
 def _report_trial(spec: TuneSpec) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
