@@ -1,6 +1,7 @@
 """``fedbayes tune`` and ``fedbayes tune-apply``: fair hyperparameter tuning on a validation split.
 
-``fedbayes tune --preset P --algorithm A --trials N`` runs an Optuna study (seeded TPE sampler, median pruning)
+``fedbayes tune --preset P --algorithm A --trials N`` runs an Optuna study (seeded TPE sampler, median pruning;
+``--pruner hyperband|halving|none``: :func:`simulations.tune.study.make_pruner`)
 over A's search space (``search_space`` in its module, :mod:`fedbayes.algorithms.space`).  Every trial is one
 in-process run (:func:`fedbayes.engine.run_experiment`, nothing written to disk) of the preset's config for A with
 the sampled values, ``validation-fraction`` (0.1 unless the preset or ``--set`` gives one) and
@@ -13,7 +14,7 @@ in its ``diverged`` user attribute; the study goes on.
 
 Storage and resuming.  The study lives in an SQLite file ``DIR/study.db`` (default ``DIR`` =
 ``runs/tune/P/A``) or in any Optuna RDB storage given by ``--storage URL`` (shared by several machines).  It
-records its preset, algorithm, rounds, objective, predictor, search space and the rest of the trial config in
+records its preset, algorithm, rounds, objective, predictor, pruner, search space and the rest of the trial config in
 its user attributes; running the command against a study with other values stops with an error naming the key,
 before anything is written.  Re-running the same command continues a killed study until N trials are finished
 (complete or pruned); with the folder's own SQLite file, trials left RUNNING by a killed process are marked
@@ -25,6 +26,10 @@ Outputs (after every trial, and at the end): ``DIR/best.toml`` — a preset frag
 preset's table with the best values merged in, under a comment header (study, trials, budget, objective, best
 value) — and ``DIR/best.json``; at the end ``history.png`` (optimisation history), ``importance.png``
 (parameter importances; needs 2 complete trials) and ``curves.png`` (validation metric per round per trial).
+
+``fedbayes compare --tune N`` (:mod:`simulations.tune.protocol`) runs the whole comparison protocol from one
+command: every rule tuned with N trials (one study serving both objectives: every trial records ``val_accuracy``
+and ``val_nll``), each rule's best chosen on validation, the final runs on the test set, both tables.
 
 ``fedbayes tune-apply DIR... --preset P --out NEW.toml`` merges the ``best.toml`` of one or more studies into
 a copy of preset P and validates the result: tuned presets come from a command, not from hand edits.
