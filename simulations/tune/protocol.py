@@ -364,7 +364,7 @@ def cmd_compare_tune(args: Any) -> int:
               f"with the same command: {again}", file=sys.stderr)
         return 130
     print((out / "table.md").read_text())
-    print(f"[fedbayes] {out / 'table.md'} (both tables), per objective: "
+    print(f"[fedbayes] {out / 'table.md'} (tables and chosen settings), per objective: "
           + ", ".join(t["md"] for t in record["tables"].values()) + f"; {out / 'protocol.json'}")
     for note in record["notes"]:
         print(f"[fedbayes] note: {note}")
