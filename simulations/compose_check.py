@@ -21,7 +21,8 @@ Decisions, and why:
   host overlays has ``network_mode: host``; after ``up`` the check fails if any network other than Docker's
   built-in ``host``/``none`` exists. Nothing in a container downloads anything: the base image gets python3,
   openssl and ssh-keygen from debootstrap on the host, the Python packages come from a wheels image (below), and
-  the image builds run with ``network: host`` only because BuildKit needs a network mode that exists.
+  the image builds run with ``network: none`` (``FEDBAYES_BUILD_NETWORK``; the overlay's default is ``host``,
+  as BuildKit's default, a bridge, does not exist).
 - **Private daemon.** Its data root, exec root, socket, pidfile and the Compose plugin live in a work folder
   outside the repository (``$FEDBAYES_COMPOSE_WORK``, default ``/var/tmp/fedbayes-compose``), so a machine's
   own Docker (if any) is not touched and ``docker`` commands here use ``DOCKER_HOST`` / ``DOCKER_CONFIG``.
@@ -222,6 +223,19 @@ def ensure_compose(work: Path, python: str = sys.executable) -> Path:
     return plugin
 
 
+def remove_empty_tree(folder: Path) -> bool:
+    """Remove ``folder`` if it holds only empty folders (dockerd leaves ``/run/docker/plugins``); True if gone.
+
+    Anything else in it (a file, a socket: another daemon's) keeps it, untouched."""
+    if not folder.is_dir() or folder.is_symlink():
+        return not folder.exists()
+    for sub in list(folder.iterdir()):
+        if not (sub.is_dir() and not sub.is_symlink() and remove_empty_tree(sub)):
+            return False
+    folder.rmdir()
+    return True
+
+
 class Daemon:
     """A private dockerd (no bridge, no iptables, no forwarding), started and stopped by its PID."""
 
@@ -270,8 +284,7 @@ class Daemon:
         if os.path.ismount(netns):
             _run(["umount", str(netns)], check=False)
         for d in (Path("/run/docker"), Path("/run/containerd")):
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+            remove_empty_tree(d)
 
     def docker(self, *args: str, capture: bool = False, check: bool = True,
                env: dict[str, str] | None = None, timeout: float | None = None,
@@ -309,13 +322,19 @@ def ensure_wheels_image(daemon: Daemon, work: Path, root: Path, python: str = sy
     """The wheels the app image installs, as a one-layer image ``local/fedbayes-wheels:<content hash>``."""
     folder = work / "wheels"
     folder.mkdir(parents=True, exist_ok=True)
-    _run([python, "-m", "pip", "download", "-q", "-d", str(folder), *WHEEL_PLATFORM, *WHEEL_SPECS,
-          *project_requirements(root / "pyproject.toml")])
+    specs = [*WHEEL_PLATFORM, *WHEEL_SPECS, *project_requirements(root / "pyproject.toml")]
+    stamp = work / "wheels.specs"  # the specs of the last download, and the tag it gave (skips pip's index)
+    if stamp.is_file():
+        lines = stamp.read_text().split("\n")
+        if lines[1:] == specs and daemon.has_image(lines[0]):
+            return lines[0]
+    _run([python, "-m", "pip", "download", "-q", "-d", str(folder), *specs])
     ref = f"{WHEELS_REPO}:{wheels_tag(folder)}"
     if not daemon.has_image(ref):
         with subprocess.Popen(["tar", "-C", str(folder), "-c", "--exclude", "*.tmp", "."],
                               stdout=subprocess.PIPE) as tar:
             daemon.docker("import", "-", ref, stdin=tar.stdout)
+    stamp.write_text("\n".join([ref, *specs]))
     return ref
 
 
@@ -425,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ensure_base_image(daemon, work)
         with timer.step("set-up: wheels image (pip download)"):
             wheels = ensure_wheels_image(daemon, work, root)
-        compose_env = {"FEDBAYES_BASE": "debian", "FEDBAYES_WHEELS_IMAGE": wheels,
+        compose_env = {"FEDBAYES_BASE": "debian", "FEDBAYES_WHEELS_IMAGE": wheels, "FEDBAYES_BUILD_NETWORK": "none",
                        "FEDBAYES_DATA_DIR": os.environ.get("FEDBAYES_DATA_DIR", str(Path.home() / ".cache" /
                                                                                    "fedbayes" / "data"))}
         Path(compose_env["FEDBAYES_DATA_DIR"]).mkdir(parents=True, exist_ok=True)

@@ -85,3 +85,16 @@ def test_compose_binary_checked_in_place_is_reused(tmp_path: Path, monkeypatch: 
 def test_work_folder_inside_the_repository_is_refused() -> None:
     with pytest.raises(cc.ComposeCheckError, match="inside the repository"):
         cc.main(["--work", str(cc.project_root() / "compose-work")])
+
+
+def test_remove_empty_tree_keeps_anything_with_a_file(tmp_path: Path) -> None:
+    empty = tmp_path / "docker"
+    (empty / "plugins" / "x").mkdir(parents=True)
+    assert cc.remove_empty_tree(empty) and not empty.exists()
+    busy = tmp_path / "containerd"
+    (busy / "a").mkdir(parents=True)
+    (busy / "b").mkdir()
+    (busy / "b" / "containerd.sock").write_text("")
+    assert not cc.remove_empty_tree(busy)
+    assert (busy / "b" / "containerd.sock").exists()
+    assert cc.remove_empty_tree(tmp_path / "absent")
