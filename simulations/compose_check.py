@@ -471,8 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from simulations.processes import FlowerRunError
+
     try:
         sys.exit(main())
-    except ComposeCheckError as e:
+    except (ComposeCheckError, FlowerRunError) as e:
         print(f"compose-check: {e}", file=sys.stderr)
         sys.exit(1)
