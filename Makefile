@@ -6,7 +6,7 @@ FEDBAYES := $(VENV)/bin/fedbayes
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup data test demo lint docs bench gpu-check clean
+.PHONY: setup data test demo lint docs bench gpu-check compose-check compose-purge clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,6 +45,17 @@ bench: setup data
 # a GPU fraction per ClientApp; prints device, timings and accuracy (fails clearly without a GPU).
 gpu-check: setup data
 	$(PY) -m simulations.gpu_check
+
+# The docker-compose federation for real, on this one host, offline (as root): installs docker.io, debootstrap and
+# the Compose v2 plugin (sha256-pinned) when missing, runs a private dockerd (host networking only, no bridge, no
+# iptables) from /var/tmp/fedbayes-compose, builds the images, runs 2 rounds insecure, with TLS and with TLS +
+# SuperNode auth, checks the results volume, tears everything down by PID and prints the timings. A second run
+# reuses the base image and the build cache; compose-purge deletes them (simulations/compose_check.py).
+compose-check: setup
+	$(PY) -m simulations.compose_check
+
+compose-purge:
+	$(PY) -m simulations.compose_check --purge
 
 clean:
 	rm -rf $(VENV) runs build .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -34,7 +34,14 @@ from simulations.processes import (  # noqa: E402
 )
 
 ROOT = project_root()
-COMPOSE_FILES = ["docker-compose.yml", "docker-compose.tls.yml", "docker-compose.gpu.yml"]
+COMPOSE_FILES = ["docker-compose.yml", "docker-compose.tls.yml", "docker-compose.auth.yml", "docker-compose.gpu.yml",
+                 "docker-compose.host.yml", "docker-compose.tls-host.yml", "docker-compose.auth-host.yml"]
+HOST_SETUPS = {
+    "insecure": ["docker-compose.host.yml"],
+    "tls": ["docker-compose.tls.yml", "docker-compose.host.yml", "docker-compose.tls-host.yml"],
+    "auth": ["docker-compose.tls.yml", "docker-compose.auth.yml", "docker-compose.host.yml",
+             "docker-compose.tls-host.yml", "docker-compose.auth-host.yml"],
+}
 IMAGE_BINARIES = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode",
                   "flwr/superexec": "flower-superexec"}
 VENV_BIN = Path(sys.executable).parent
@@ -90,7 +97,8 @@ def _help(binary: str, cache: dict[str, str] = {}) -> str:  # noqa: B006 - delib
 
 
 @pytest.mark.parametrize("overlays", [[], ["docker-compose.tls.yml"], ["docker-compose.gpu.yml"],
-                                      ["docker-compose.tls.yml", "docker-compose.gpu.yml"]])
+                                      ["docker-compose.tls.yml", "docker-compose.gpu.yml"],
+                                      *HOST_SETUPS.values()])
 def test_compose_flags_exist_in_flower_1_42(overlays: list[str]) -> None:
     """Every --flag of every Flower service (base file merged with the overlays) is in that binary's --help,
     images are pinned to 1.42.0, and three SuperNodes carry partition-id 0..2."""
@@ -117,6 +125,68 @@ def test_compose_flags_exist_in_flower_1_42(overlays: list[str]) -> None:
     if "docker-compose.gpu.yml" in overlays:
         dev = spec["services"]["superexec-clientapp-0"]["deploy"]["resources"]["reservations"]["devices"][0]
         assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
+
+
+def _spec(overlays: list[str]) -> dict[str, Any]:
+    spec = _load("docker-compose.yml")
+    for o in overlays:
+        spec = _merge(spec, _load(o))
+    return spec
+
+
+def _listens(svc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host, port) pairs a Flower service binds: --host/--port and --health-server-address."""
+    cmd = [str(a) for a in svc.get("command", [])]
+    out = []
+    if "--port" in cmd:
+        out.append((cmd[cmd.index("--host") + 1] if "--host" in cmd else "127.0.0.1", cmd[cmd.index("--port") + 1]))
+    if "--health-server-address" in cmd:
+        host, port = cmd[cmd.index("--health-server-address") + 1].rsplit(":", 1)
+        out.append((host, port))
+    return out
+
+
+@pytest.mark.parametrize("setup", list(HOST_SETUPS))
+def test_host_overlays_wiring(setup: str) -> None:
+    """Host networking on one host: every service has network_mode host and no network of its own; each Flower
+    service binds 127.0.0.1 on a port no other service binds; every address a service dials (name:port) is one
+    that its target binds, the name resolving to 127.0.0.1 (extra_hosts); health checks probe the service's own
+    port; the SuperLink and SuperNodes run from the app image (no Docker Hub), never pulled."""
+    spec = _spec(HOST_SETUPS[setup])
+    assert "networks" not in spec
+    binds: dict[str, str] = {}  # port -> service
+    for name, svc in spec["services"].items():
+        assert svc.get("network_mode") == "host", f"{setup}: {name} is not on the host network"
+        assert "networks" not in svc, f"{setup}: {name} joins a network"
+        if not str(svc.get("image", "")).startswith("fedbayes-superexec:"):
+            raise AssertionError(f"{setup}: {name} runs {svc.get('image')}, not the app image")
+        assert "build" in svc or svc.get("pull_policy") == "never", f"{setup}: {name} may be pulled"
+        for host, port in _listens(svc):
+            assert host == "127.0.0.1", f"{setup}: {name} binds {host}"
+            assert port not in binds, f"{setup}: {name} and {binds.get(port)} both bind port {port}"
+            binds[port] = name
+    for name, svc in spec["services"].items():
+        hosts = dict(str(h).split(":", 1) for h in svc.get("extra_hosts", []))
+        cmd = [str(a) for a in svc.get("command", [])]
+        for flag in ("--superlink", "--runtime-api-address"):
+            if flag in cmd:
+                target, port = cmd[cmd.index(flag) + 1].split(":")
+                assert hosts.get(target) == "127.0.0.1", f"{setup}: {name} cannot resolve {target}"
+                assert binds.get(port) == target, f"{setup}: {name} dials {target}:{port}, bound by {binds.get(port)}"
+        check = " ".join(str(a) for a in svc.get("healthcheck", {}).get("test", []))
+        own = {p for h, p in _listens(svc)}
+        probed = set(re.findall(r"(?:127\.0\.0\.1|superlink):(\d+)", check))
+        assert probed <= own, f"{setup}: {name}'s health check probes {probed}, it binds {own}"
+        if own:
+            assert probed, f"{setup}: {name} has no health check on its own port"
+    tls = setup != "insecure"
+    link = [str(a) for a in spec["services"]["superlink"]["command"]]
+    assert ("--insecure" not in link) == tls and ("--ssl-certfile" in link) == tls
+    assert ("--enable-supernode-auth" in link) == (setup == "auth")
+    for i in range(3):
+        node = [str(a) for a in spec["services"][f"supernode-{i}"]["command"]]
+        assert ("--root-certificates" in node) == tls
+        assert ("--auth-supernode-private-key" in node) == (setup == "auth")
 
 
 # ------------------------------------------------------------------------------------------ the topology
