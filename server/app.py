@@ -46,8 +46,8 @@ def main(grid: Grid, context: Context) -> None:
     CheckpointError
         (resume) A missing, truncated or corrupted checkpoint; nothing is written.
     """
-    from client.records import arrays_of
     from fedbayes.federation import Federation
+    from fedbayes.flower import arrays_of
     from fedbayes.provenance import provenance
     from fedbayes.results import CheckpointError, ResultsWriter
     from fedbayes.resume import load_resume, prepare_folder
