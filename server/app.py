@@ -94,7 +94,6 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=arrays_of(fed.rule.global_mean()),
         num_rounds=strategy.num_rounds,
-        timeout=deadline,  # type: ignore[arg-type]  # send_and_receive takes None: no deadline
-        evaluate_fn=strategy.evaluate,
+        timeout=deadline,  # None: no deadline
     )
     log.info("fedbayes: results in %s", out)

@@ -3,8 +3,8 @@
 * :class:`FedBayes` — a Strategy any ServerApp constructs from a rule (``FedBayes(rule="bayes-admm", local={...})``)
   and starts as Flower's own (``strategy.start(grid=..., initial_arrays=ArrayRecord(net.state_dict()),
   num_rounds=..., evaluate_fn=...)``), with checkpointing and resume into an optional results folder;
-* :func:`train` — the one call a ClientApp makes: ``return fedbayes.flower.train(msg, net, trainloader)`` trains
-  the app's model on the app's data under the prior the message carries and returns the reply;
+* :func:`train` — the one call a ClientApp makes: ``content = fedbayes.flower.train(msg, net, trainloader)`` trains
+  the app's model on the app's data under the prior the message carries and returns the reply's content;
 * :mod:`fedbayes.flower.records` — the record codec both sides share.
 
 This project's own Flower app (``server/``, ``client/``) is built on these same names.  Nothing here imports the

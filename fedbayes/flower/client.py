@@ -6,14 +6,15 @@ A ClientApp of any Flower app turns a fedbayes train message into its reply with
     def train(msg: Message, context: Context) -> Message:
         net = Net()
         trainloader, _ = load_data(context.node_config["partition-id"], ...)
-        return fedbayes.flower.train(msg, net, trainloader)
+        content = fedbayes.flower.train(msg, net, trainloader, device)
+        return Message(content=content, reply_to=msg)
 
 The message (sent by :class:`fedbayes.flower.FedBayes`) carries the prior (``prior.eta``, ``prior.prec``), an
 optional start point and the local settings of this client and round (:mod:`fedbayes.flower.records`); the
 training is the one local trainer of every engine (:func:`fedbayes.protocol.execute`, i.e.
 :func:`fedbayes.local.train_local`), so a Flower client computes what the in-process engine computes.  The reply
 carries the site (``site.eta``, ``site.prec``) for Bayesian rules or the mean for the others, plus
-``num-examples``, ``partition-id`` and the training metrics.
+``num-examples``, ``partition-id`` and the training metrics; :func:`train` returns the reply's content.
 
 **Data.** ``(x, y)`` tensors, or a ``torch.utils.data.DataLoader`` (any iterable of batches).  The trainer works
 on in-memory tensors with its own seeded minibatch order (the same order in every engine), so a loader is
@@ -31,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from torch import Tensor, nn
 
 from fedbayes.flower.records import CONFIG_RECORD, content_of, records_of
@@ -107,11 +108,11 @@ def train(
     msg: Message,
     net: nn.Module,
     data: Data,
-    *,
     device: str | torch.device | None = None,
+    *,
     partition_id: int | None = None,
     keys: Sequence[str] | None = None,
-) -> Message:
+) -> RecordDict:
     """Train ``net`` on ``data`` under the prior ``msg`` carries, with the local settings it carries; the reply.
 
     Parameters
@@ -133,9 +134,10 @@ def train(
 
     Returns
     -------
-    Message
-        The reply: ``site.eta``/``site.prec`` (Bayesian rules) or ``mean`` ArrayRecords, and the ``metrics``
-        MetricRecord (``num-examples``, ``partition-id``, ``train-loss``, ``train-seconds``, ``steps``, …).
+    RecordDict
+        The reply's content (``return Message(content=content, reply_to=msg)``, as Flower's handlers end):
+        ``site.eta``/``site.prec`` (Bayesian rules) or ``mean`` ArrayRecords, and the ``metrics`` MetricRecord
+        (``num-examples``, ``partition-id``, ``train-loss``, ``train-seconds``, ``steps``, …).
 
     Raises
     ------
@@ -155,4 +157,4 @@ def train(
     out: dict[str, Any] = dict(metrics)
     if pid is not None:
         out["partition-id"] = int(pid)  # type: ignore[call-overload,arg-type]
-    return Message(content_of(reply, metrics=out), reply_to=msg)
+    return content_of(reply, metrics=out)

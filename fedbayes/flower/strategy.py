@@ -21,8 +21,9 @@ its messages through Flower:
 1. ``configure_train``: for every participant k of the round (``fraction_train`` of the clients, seeded by
    (seed, round)), ``Round.job(k)`` (the rule's prior for k, encoded, and k's ConfigRecord: the local settings,
    the round's seed, ``reply`` = site or mean) becomes one Message to k's node (ArrayRecords ``prior.eta``,
-   ``prior.prec``, optional ``start.mean``/``start.prec``; the ``config`` ConfigRecord, plus the entries of
-   ``train_config``, which may not reuse fedbayes' keys).
+   ``prior.prec``, optional ``start.mean``/``start.prec``; the ``config`` ConfigRecord).  ``train_config``
+   entries that are local settings (``lr``, ``epochs``, ``batch-size``, ``mode``, …: Flower apps pass the
+   learning rate there) set the local settings as ``local=`` does; the others travel in every train message.
 2. ``aggregate_train``: the replies within ``timeout`` go to ``Round.receive`` (validated before they touch state;
    a ClientApp error or an invalid reply makes a failed client, with its reason), then ``Round.aggregate``.  The
    arrays it returns are the rule's global mean (in the initial arrays' dtypes), what ``evaluate_fn``, the
@@ -410,19 +411,30 @@ class FedBayes(Strategy):
         Raises
         ------
         ValueError
-            Initial arrays that do not fit the rule, a ``train_config`` key that is one of fedbayes' own.
+            Initial arrays that do not fit the rule, a ``train_config`` key that fedbayes sets itself (``seed``,
+        ``reply``, …) or a local setting given twice.
         ConfigError, CheckpointError, RunExistsError
             Bad settings, a checkpoint that cannot be resumed, a used results folder; nothing is written.
         """
-        from fedbayes.local import WIRE_KEYS
+        from fedbayes.keys import kebab
+        from fedbayes.local import USER_KEYS
 
         extra = dict(train_config or {})
-        clash = sorted(k for k in extra if k in WIRE_KEYS or k in ("reply", "round", "partition-id"))
-        if clash:
-            raise ValueError(f"train_config keys {clash} are fedbayes' local settings: pass them as "
-                             f"FedBayes(local={{...}})")
-        self._train_extra = extra
-        self._user_evaluate = evaluate_fn
+        local = {k: v for k, v in extra.items() if k.replace("-", "_") in USER_KEYS}
+        reserved = sorted(k for k in extra if k in ("reply", "round", "partition-id") or k.replace("-", "_")
+                          in ("ess_scale", "prior_per_example", "signed_site", "seed", "device"))
+        if reserved:
+            raise ValueError(f"train_config keys {reserved} are set by fedbayes (the rule or the engine)")
+        if local:
+            if self._exp is not None:
+                raise ValueError(f"train_config keys {sorted(local)} are local settings, but this strategy's run is "
+                                 "already built: set them where it was built")
+            both = sorted(k for k in local if kebab(k.replace("-", "_")) in self._local)
+            if both:
+                raise ValueError(f"local settings {both} given both in local= and in train_config")
+            self._local.update(_local_keys(local))
+        self._train_extra = {k: v for k, v in extra.items() if k not in local}
+        self._user_evaluate = None if evaluate_fn == self.evaluate else evaluate_fn  # rows are always recorded
         start_arrays = initial_arrays
         if self._exp is None:  # built here (this project's app builds its federation before)
             if not self.node_of:
