@@ -2,7 +2,7 @@
 
 Two handlers, both thin: ``query`` (the ServerApp asks each node once which client ``partition-id`` it is, how
 many examples it has, and whether they come from its own ``data-path`` file) and ``train`` (one local
-problem, :func:`fedbayes.protocol.execute`).  The work lives in :mod:`client.task`, imported on the first
+problem, :func:`fedbayes.flower.train`).  The work lives in :mod:`client.task`, imported on the first
 message, so ``import client.app`` stays light (no torch): a deployment starts a fresh ClientApp process per
 message, and the SuperNode only needs to load the app object.
 """

@@ -10,9 +10,9 @@ deployment passes ``--node-config "partition-id=0 num-partitions=3"``); the Flow
 any shape after the first axis, flattened to N x D, float) and ``y`` (N labels: integers 0..C-1 for
 classification, floats for regression), or the client rebuilds partition ``partition-id`` (and nothing else) of the
 run's dataset exactly as the in-process engine does (:func:`fedbayes.federation.one_client`).  The run's configuration
-is the one the ServerApp resolved, carried by every message (:mod:`client.records`), so a client reads no presets
-and resolves it once per process; of Flower's run config it reads only ``data-dir``.  Model and data are cached per
-process, so a simulation actor loads them once per run.
+is the one the ServerApp resolved, carried by every message (:mod:`fedbayes.flower.records`), so a client reads no
+presets and resolves it once per process; of Flower's run config it reads only ``data-dir``.  Model and data are
+cached per process, so a simulation actor loads them once per run.
 
 **Device.** Node config ``device`` (auto|cpu|cuda) wins over the run config's ``device``.
 
@@ -38,8 +38,8 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from torch import Tensor, nn
 
-from client.records import CONFIG_RECORD, EXPERIMENT_KEY, METRIC_RECORD, content_of, records_of
 from fedbayes.config import Experiment
+from fedbayes.flower.records import CONFIG_RECORD, EXPERIMENT_KEY, METRIC_RECORD, content_of, records_of
 
 __all__ = [
     "DEVICES",
@@ -251,7 +251,7 @@ def message_config(msg: Message) -> dict[str, Any]:
 
 
 def message_experiment(config: Mapping[str, Any]) -> Experiment:
-    """The run's configuration as the ServerApp resolved it (:data:`client.records.EXPERIMENT_KEY`), resolved
+    """The run's configuration as the ServerApp resolved it (:data:`fedbayes.flower.records.EXPERIMENT_KEY`), resolved
     once per process and config; ``ValueError`` (a ``ConfigError``) naming the problem."""
     from fedbayes.config import ConfigError, resolve
 
@@ -347,9 +347,10 @@ def garbage_reply(records: Mapping[str, Mapping[str, np.ndarray]], config: Mappi
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Decode the message, train under the prior (:func:`fedbayes.protocol.execute`), reply."""
+    """Decode the message, train under the prior and reply: :func:`fedbayes.flower.train`, the client helper any
+    ClientApp calls (this app's data are the node's partition or ``data-path`` file)."""
     from fedbayes.federation import resolve_device
-    from fedbayes.protocol import execute
+    from fedbayes.flower import train
 
     exp, spec, config = _setup(msg, context)
     target: Any = config.get("partition-id")
@@ -363,6 +364,4 @@ def handle_train(msg: Message, context: Context) -> Message:
         reply, metrics = garbage_reply(records, config, data.num_examples)
         return Message(content_of(reply, metrics={**metrics, "partition-id": spec.partition_id}), reply_to=msg)
     device = resolve_device(spec.device or exp.run.device)
-    reply, metrics = execute(data.model, records, config, data.x, data.y, device=device)
-    metrics = {**metrics, "partition-id": spec.partition_id}
-    return Message(content_of(reply, metrics=metrics), reply_to=msg)
+    return Message(train(msg, data.model, (data.x, data.y), device, partition_id=spec.partition_id), reply_to=msg)

@@ -443,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+BENCH_EXTRA = {"optuna": "tuning", "matplotlib": "plots"}
+"""Packages of the ``bench`` extra (``pip install 'fedbayes[bench]'``): ``tune`` needs optuna, ``compare`` and
+``tune`` plot with matplotlib.  The library, ``fedbayes.flower`` and a ClientApp never import them."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns its exit status (0; 2 for bad input, also argparse's: nothing raises SystemExit;
     130 for Ctrl-C)."""
@@ -462,6 +467,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # a command's own option parser (bench NAME OPTIONS): message already printed
         return e.code if isinstance(e.code, int) else 2
+    except ModuleNotFoundError as e:
+        extra = BENCH_EXTRA.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"fedbayes: error: this command needs {e.name} ({extra}), which is not installed: "
+              "pip install 'fedbayes[bench]'", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C outside a run's rounds (run and compare say how to continue themselves)
         print("[fedbayes] interrupted", file=sys.stderr)
         return 130

@@ -109,6 +109,10 @@ class Federation:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.model.named_parameters()}
 
+    def client_examples(self, client: int) -> int:
+        """Client k's example count (what its reply's ``num-examples`` must say)."""
+        return len(self.parts[client])
+
 
 def batched_clients(exp: Experiment, model: nn.Module, device: str) -> bool:
     """Whether rounds train their clients batched (run key ``client-engine``): ``batched`` → True, or a

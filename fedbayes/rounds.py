@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 from torch import Tensor, nn
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClientJob",
     "Round",
+    "RoundHost",
     "check_round",
     "client_config",
     "client_seed",
@@ -168,18 +169,36 @@ class ClientJob:
     config: dict[str, Any]
 
 
+class RoundHost(Protocol):
+    """What a round needs of its federation: the experiment, the rule, the parameter shapes and each client's
+    expected example count (None: not known, e.g. a user's Flower app; the reply's count is then not checked).
+    A :class:`~fedbayes.federation.Federation` is one (and the only one whose rounds can evaluate themselves:
+    :meth:`Round.row` with ``evaluate=True``); :class:`fedbayes.flower.FedBayes` is another."""
+
+    @property
+    def exp(self) -> Experiment: ...
+
+    @property
+    def rule(self) -> Algorithm: ...
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    def client_examples(self, client: int) -> int | None: ...
+
+
 class Round:
     """Round ``server_round`` of federation ``fed``: participants, messages, replies, update and metrics row.
 
     Parameters
     ----------
     fed
-        The built federation (data, partition sizes, model, rule).
+        The built federation (data, partition sizes, model, rule), or any :class:`RoundHost`.
     server_round
         The absolute round (1-based; a resumed run continues the numbering).
     """
 
-    def __init__(self, fed: Federation, server_round: int) -> None:
+    def __init__(self, fed: RoundHost, server_round: int) -> None:
         self.fed = fed
         self.exp = fed.exp
         self.server_round = server_round
@@ -214,7 +233,7 @@ class Round:
         if counted:
             self.up += nbytes(records)
         rule = self.fed.rule
-        n = expected_examples if expected_examples is not None else len(self.fed.parts[client])
+        n = expected_examples if expected_examples is not None else self.fed.client_examples(client)
         try:
             u = decode_reply(records, metrics, client=client, shapes=self.fed.shapes, need_site=rule.needs_site(),
                              expected_examples=n, prior_prec=self._prior_prec.pop(client, None))
@@ -245,9 +264,10 @@ class Round:
     def row(self, elapsed: Callable[[], float], *, evaluate: bool = True) -> dict[str, Any]:
         """The metrics row: the evaluation (every ``eval-every`` rounds and the last; none with ``evaluate=False``),
         then the round's facts; ``elapsed()`` gives the run's wall time so far (read after the evaluation)."""
-        exp, fed, r = self.exp, self.fed, self.server_round
+        exp, r = self.exp, self.server_round
         row: dict[str, Any] = {"round": r}
         if evaluate and (r % exp.run.eval_every == 0 or r == exp.run.rounds):
+            fed = cast("Federation", self.fed)  # evaluating needs the federation's data
             x_ev, y_ev, prefix = fed.eval_data()  # the test set, or the validation set (eval-split): val_* keys
             row.update(evaluate_global(fed.rule, fed.model, x_ev, y_ev, fed.data.task, exp, r, fed.device, prefix))
         losses = [u.metrics.get("train-loss", float("nan")) for u in self.updates]

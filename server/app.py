@@ -46,8 +46,8 @@ def main(grid: Grid, context: Context) -> None:
     CheckpointError
         (resume) A missing, truncated or corrupted checkpoint; nothing is written.
     """
-    from client.records import arrays_of
     from fedbayes.federation import Federation
+    from fedbayes.flower import arrays_of
     from fedbayes.provenance import provenance
     from fedbayes.results import CheckpointError, ResultsWriter
     from fedbayes.resume import load_resume, prepare_folder
@@ -94,7 +94,6 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=arrays_of(fed.rule.global_mean()),
         num_rounds=strategy.num_rounds,
-        timeout=deadline,  # type: ignore[arg-type]  # send_and_receive takes None: no deadline
-        evaluate_fn=strategy.evaluate,
+        timeout=deadline,  # None: no deadline
     )
     log.info("fedbayes: results in %s", out)

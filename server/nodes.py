@@ -2,7 +2,7 @@
 
 Client identity is the node config's ``partition-id``.  :meth:`NodeBook.bind` sends each node a query message
 at the start (and :meth:`NodeBook.refresh` again whenever a new node id appears; the query carries the run's
-resolved configuration, :mod:`client.records`) and maps Flower node ids to partitions.  A node that claims a
+resolved configuration, :mod:`fedbayes.flower.records`) and maps Flower node ids to partitions.  A node that claims a
 partition another online node holds is ignored until the holder leaves (a restarted SuperNode takes over its
 partition); a node that left is forgotten, and its partition counts as failed until a node holds it again.
 """
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client.records import CONFIG_RECORD, EXPERIMENT_KEY, METRIC_RECORD
+from fedbayes.flower.records import CONFIG_RECORD, EXPERIMENT_KEY, METRIC_RECORD
+from fedbayes.flower.strategy import addressee
 
 __all__ = ["NodeBook", "NodeInfo", "addressee"]
 
@@ -33,13 +34,6 @@ class NodeInfo:
     partition_id: int
     num_examples: int
     own_data: bool
-
-
-def addressee(reply: Message, sent: Iterable[Message]) -> int:
-    """The node a reply answers for: the destination of the message it replies to (a reply the SuperLink makes
-    for an unavailable node comes from the SuperLink's own node id), else its sender."""
-    by_id = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent if m.metadata.message_id}
-    return by_id.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
 
 
 class NodeBook:

@@ -21,8 +21,8 @@ fedbayes' default.  Every key that is set wins over the preset.  So pyproject.to
 (:func:`pyproject_run_config`): only ``algorithm``, ``num-clients`` and ``rounds`` (sized for the three-SuperNode
 demo) and the Flower-only keys have values there, and a bare ``flwr run`` trains with the digits preset's
 settings.  Only the ServerApp applies it: it resolves the run config once (:func:`split_run_config`) and sends
-the resolved configuration in every message (:mod:`client.records`), from which each ClientApp rebuilds its data
-and model; a ClientApp reads no presets and of the run config only ``data-dir``.
+the resolved configuration in every message (:mod:`fedbayes.flower.records`), from which each ClientApp rebuilds
+its data and model; a ClientApp reads no presets and of the run config only ``data-dir``.
 ``hidden`` and ``exclude-clients`` are comma-separated strings (``"200,100"``).  Every problem raises
 :class:`fedbayes.config.ConfigError` naming the key.  This module imports neither flwr nor torch at import time.
 

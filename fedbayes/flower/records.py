@@ -1,17 +1,19 @@
-"""fedbayes' messages as Flower records, in one place (the ClientApp and the ServerApp's strategy both use it).
+"""fedbayes' messages as Flower records, in one place: the codec both sides share (:class:`fedbayes.flower.FedBayes`
+on the server, :func:`fedbayes.flower.train` in a ClientApp; this project's own apps, ``server/`` and ``client/``,
+use the same).
 
 A message's content is a Flower ``RecordDict``:
 
 * one ``ArrayRecord`` per record of the wire format of :mod:`fedbayes.protocol` (``prior.eta``, ``prior.prec``,
   ``start.mean``, ``start.prec`` down; ``site.eta``/``site.prec`` or ``mean`` up), keyed by parameter name;
 * the ``config`` ``ConfigRecord`` (down): the local settings of the client (``LocalSettings.to_wire``), ``reply``,
-  ``round``, ``partition-id``, and :data:`EXPERIMENT_KEY`, the run's resolved configuration as the JSON of its
-  ``config.json``.  The ServerApp resolves the run config (presets included) once; every ClientApp rebuilds its
-  model and data from this one resolved config, so a client never resolves presets and can never disagree with
-  the server about them;
+  ``round``, ``partition-id`` (and whatever the ServerApp added with ``train_config``).  This project's own app
+  adds :data:`EXPERIMENT_KEY`, the run's resolved configuration as the JSON of its ``config.json``: its ServerApp
+  resolves the run config (presets included) once; every one of its ClientApps rebuilds its model and data from
+  this one resolved config, so a client never resolves presets and can never disagree with the server about them;
 * the ``metrics`` ``MetricRecord`` (up): ``num-examples``, ``partition-id`` and training metrics.
 
-Imports flwr and numpy only (``import client.app`` must stay light).
+Imports flwr and numpy only (a ClientApp's import must stay light).
 """
 
 from __future__ import annotations
