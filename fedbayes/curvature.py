@@ -60,8 +60,8 @@ def _diag_ggn_fast(
     Jacobians of the whole parameter vector.
 
     Factor Λᵢ = Σ_c l_c l_cᵀ (cross-entropy: l_c = √p_c (e_c − p), so Σ_c l_c l_cᵀ = diag p − ppᵀ; Gaussian:
-    l_c = e_c/σ, one column per output).  Then diag GGN = Σᵢ Σ_c (Jᵢᵀ l_c)², and Jᵢᵀ l_c restricted to a layer's weights is the per-example
-    gradient of l_cᵀ fᵢ (l_c held fixed): with δ = ∂(l_cᵀ f)/∂z at the layer's output z,
+    l_c = e_c/σ, one column per output).  Then diag GGN = Σᵢ Σ_c (Jᵢᵀ l_c)², and Jᵢᵀ l_c restricted to a layer's
+    weights is the per-example gradient of l_cᵀ fᵢ (l_c held fixed): with δ = ∂(l_cᵀ f)/∂z at the layer's output z,
 
     * Linear z = W a + b: δᵢ aᵢᵀ, so Σᵢ (δᵢ aᵢᵀ)² = (δ²)ᵀ(a²) and the bias gets Σᵢ δᵢ²;
     * Conv2d z = W ⋆ a + b, i.e. zᵢ = W uᵢ + b with uᵢ = unfold(aᵢ) (K × L): δᵢ uᵢᵀ (O × K), squared and summed

@@ -134,9 +134,9 @@ def test_diag_ggn_fast_path_on_convolutions_equals_the_generic_path(loss: str) -
         torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(3, 4, (3, 2), stride=2, dilation=(1, 2), padding=(1, 0), bias=False), torch.nn.Tanh(),
         torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16, 5)).double()
-    digits, _ = _digits(6)
+    digits = _digits(6)[0].reshape(-1, 1, 8, 8).double()
     cnn = build_model("cnn", 64, 10, seed=0, input_shape=(1, 8, 8)).double()
-    for model, x in ((tiny, torch.randn(7, 2, 9, 10, dtype=torch.float64)), (cnn, digits.reshape(-1, 1, 8, 8).double())):
+    for model, x in ((tiny, torch.randn(7, 2, 9, 10, dtype=torch.float64)), (cnn, digits)):
         assert fast_layers(model) is not None
         own = dict(model.named_parameters())
         fast = diag_ggn(model, own, x, loss=loss, noise_var=0.7)
