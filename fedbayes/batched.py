@@ -9,8 +9,8 @@ same shape, and one step is
     out_k = f(θ_k, x_k)                              (:func:`stacked_forward`: baddbmm over k, or vmap)
     g = ∂/∂θ Σ_k ℓ̄_k(θ_k)                            (one backward: client k's loss depends on θ_k only)
 
-followed by the element-wise update of :class:`fedbayes.ivon.IVON`, :class:`fedbayes.optim.Adam` or
-:class:`fedbayes.optim.SGD`, written over the client axis with per-client ess, learning rate and prior.
+followed by the element-wise update of IVON, Adam or SGD: the functions of :mod:`fedbayes.updates`, the same the
+sequential optimisers call, given (C, P) buffers and per-client ess, learning rate and prior.
 
 Exactness with the sequential path (tested to 1e-5 relative in float32, rule by rule):
 
@@ -26,13 +26,12 @@ Exactness with the sequential path (tested to 1e-5 relative in float32, rule by 
 What differs is float rounding only (batched matrix products, the weighted mean), hence 1e-5 and not bit
 identity.  Clients are trained in chunks of ``batch-clients`` (0: as many as fit in a memory budget, see
 :func:`chunk_size`).  ``mode = "lbfgs"`` (full batch, line search) and models with buffers or random layers
-are not batched (:func:`check_batchable` says why).
+are not batched (:func:`check_batchable` says why; it, the stacked forward and the chunking: :mod:`fedbayes.stacked`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,19 +41,28 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedbayes import updates as U
 from fedbayes.gaussian import DiagGaussian
-from fedbayes.ivon import site_eta, split_natural
+from fedbayes.ivon import split_natural
 from fedbayes.local import (
     ADAM_BETA2,
     IVON_BETA2,
     LocalResult,
     LocalSettings,
     _check_data,
-    check_stateless,
     initial_curvature,
     laplace_site,
 )
 from fedbayes.noise import ahead_enabled, run_ahead
+from fedbayes.stacked import (
+    CPU_CHUNK_BYTES,
+    Unbatchable,
+    check_batchable,
+    chunk_size,
+    client_bytes,
+    model_client_bytes,
+    stacked_forward,
+)
 
 __all__ = [
     "BATCHED_MODES", "CPU_CHUNK_BYTES", "Unbatchable", "check_batchable", "chunk_size", "client_bytes",
@@ -66,182 +74,11 @@ ADAM_EPS = 1e-8
 """Adam's ε, torch's default, as :class:`fedbayes.optim.Adam`."""
 
 
-class Unbatchable(ValueError):
-    """The model or the settings cannot be trained by the batched path (the message says why)."""
-
-
-# ------------------------------------------------------------------------------------------------ checks
-_RANDOM_OR_STATEFUL = (nn.Dropout, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.modules.batchnorm._NormBase)
-
-
-def check_batchable(model: nn.Module, example: Tensor | None = None) -> None:
-    """Raise :class:`Unbatchable` naming why ``model`` cannot be vectorised over clients: buffers (in-place
-    state), random layers (dropout draws would not match the sequential path's), or a forward that
-    ``torch.func.vmap`` rejects (tried on two stacked copies of the weights and ``example``, one input of batch
-    size 1; None: :func:`_probe_input`).
-
-    Raises
-    ------
-    fedbayes.local.StatefulModelError
-        A normalisation layer with running statistics (:func:`fedbayes.local.check_stateless`): refused on every
-        path, not only the batched one.
-    Unbatchable
-        As above."""
-    check_stateless(model)
-    buffers = [name for name, _ in model.named_buffers()]
-    if buffers:
-        raise Unbatchable(f"the model has buffers {buffers[:3]} (in-place state such as BatchNorm's running "
-                          "statistics): one copy cannot serve a batch of clients")
-    for name, mod in model.named_modules():
-        if isinstance(mod, _RANDOM_OR_STATEFUL):
-            raise Unbatchable(f"module '{name}' ({type(mod).__name__}) is random or keeps state: its draws would "
-                              "not match the sequential path's")
-    named = dict(model.named_parameters())
-    if not named:
-        raise Unbatchable("the model has no parameters")
-    try:
-        stacked = {k: torch.stack([v.detach(), v.detach()]) for k, v in named.items()}
-        first = next(iter(named.values()))
-        x = _probe_input(model, first) if example is None else example[:1].to(device=first.device, dtype=first.dtype)
-        if x is not None:
-            torch.func.vmap(lambda p, xb: torch.func.functional_call(model, p, (xb,)))(stacked, x.expand(2, *x.shape))
-    except Exception as e:  # vmap's own errors are of many kinds
-        raise Unbatchable(f"torch.func.vmap cannot vectorise the model's forward: {type(e).__name__}: {e}") from None
-
-
-def _probe_input(model: nn.Module, first: Tensor) -> Tensor | None:
-    """A one-example input for the trial forward: zeros of the model's ``input_shape`` attribute (every model of
-    :mod:`fedbayes.models` has one), else of the width of the first parametrised module if it is a Linear layer
-    (None: unknown input, skip the trial; :func:`train_batched` tries the clients' own data)."""
-    shape = getattr(model, "input_shape", None)
-    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
-        return torch.zeros(1, *shape, dtype=first.dtype, device=first.device)
-    for mod in model.modules():
-        if any(True for _ in mod.parameters(recurse=False)):
-            if isinstance(mod, nn.Linear):
-                return torch.zeros(1, mod.in_features, dtype=first.dtype, device=first.device)
-            return None
-    return None
-
-
-_ELEMENTWISE = {nn.Sigmoid: torch.sigmoid, nn.ReLU: torch.relu, nn.Tanh: torch.tanh,
-                nn.GELU: nn.functional.gelu}
-
-
-def stacked_forward(model: nn.Module) -> Callable[[Mapping[str, Tensor], Tensor], Tensor]:
-    """f(params, x) with a leading client axis on both: for an ``nn.Sequential`` of Flatten, Linear layers and
-    element-wise activations (every model of :mod:`fedbayes.models`), the stacked-weight network written with
-    ``torch.baddbmm`` over activations laid out (clients, features, batch); any other model through
-    ``torch.func.vmap`` of ``functional_call``."""
-    mods = list(model.children()) if isinstance(model, nn.Sequential) else []
-    plan: list[tuple[str, Any]] = []
-    for i, mod in enumerate(mods):
-        if isinstance(mod, nn.Flatten) and i == 0 and mod.start_dim == 1 and mod.end_dim == -1:
-            plan.append(("flatten", None))
-        elif isinstance(mod, nn.Linear) and mod.bias is not None:
-            plan.append(("linear", str(i)))
-        elif type(mod) in _ELEMENTWISE and (not isinstance(mod, nn.GELU) or mod.approximate == "none"):
-            plan.append(("act", _ELEMENTWISE[type(mod)]))
-        else:
-            plan = []
-            break
-    if not plan:
-        return torch.func.vmap(lambda p, xb: torch.func.functional_call(model, p, (xb,)))  # type: ignore[no-any-return]
-
-    def forward(p: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        # activations kept as (clients, features, batch): each layer is W @ h + b, so the backward pass forms each
-        # weight's gradient directly in the weight's own (out, in) layout (x @ Wᵀ would give it transposed and
-        # cost a copy per weight and step: 20 % of a client's forward+backward)
-        h = x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
-        for kind, arg in plan:
-            if kind == "linear":
-                h = torch.baddbmm(p[arg + ".bias"].unsqueeze(2), p[arg + ".weight"], h)
-            elif kind == "act":
-                h = arg(h)
-        return h.transpose(1, 2)
-
-    return forward
-
-
 def _group_key(s: LocalSettings) -> tuple[Any, ...]:
     """Settings that must agree within one batch (the rest, lr, ess, seed, epochs, max-steps, hess-init, may differ
     per client)."""
     return (s.mode, s.batch_size, s.mc_samples, s.antithetic, s.beta1, s.beta2, s.clip_radius, s.laplace,
             s.momentum, s.grad_clip, s.prior_per_example, s.signed_site, s.loss, s.noise_var, s.device)
-
-
-# ------------------------------------------------------------------------------------------------ memory
-def client_bytes(num_params: int, batch_size: int, width: int, mode: str = "ivon") -> int:
-    """Bytes one client of a batch needs: its (C, P) float32 buffers (mean, sample, gradient, optimiser state and
-    temporaries: ~16 for IVON, ~10 for Adam/SGD) and the activations of a batch (``width``: the sum of the
-    layers' output widths)."""
-    per_param = 16 if mode == "ivon" else 10
-    return 4 * (per_param * num_params + 4 * batch_size * width)
-
-
-def model_client_bytes(model: nn.Module, batch_size: int, mode: str) -> int:
-    """:func:`client_bytes` for ``model``: its parameter count and the summed output sizes of its layers for one
-    example (measured by one forward of zeros where the model states its ``input_shape``, as the built-in models
-    do: a convolution's output is channels × height × width; otherwise the summed widths of its Linear layers)."""
-    num_params = sum(p.numel() for p in model.parameters())
-    return client_bytes(num_params, batch_size, _activation_width(model), mode)
-
-
-def _activation_width(model: nn.Module) -> int:
-    linear = sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear)) or 1
-    first = next(model.parameters(), None)
-    shape = getattr(model, "input_shape", None)
-    if first is None or not isinstance(shape, tuple):
-        return linear
-    total = 0
-
-    def hook(mod: nn.Module, inp: Any, out: Any) -> None:
-        nonlocal total
-        if isinstance(out, Tensor):
-            total += out.numel()
-
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *shape, dtype=first.dtype, device=first.device))
-    except Exception:  # a model that does not take its stated shape: the trial forward reports it elsewhere
-        return linear
-    finally:
-        for h in handles:
-            h.remove()
-    return max(total, linear)
-
-
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 * 2**30
-
-
-CPU_CHUNK_BYTES = 48 * 2**20
-"""On a CPU, the automatic chunk keeps the clients' buffers about the size of a last-level cache: beyond it the
-element-wise optimiser passes stream from memory (papers' MLP, IVON, one thread: 2.2 ms per client-step at 4
-clients, 2.6 at 16, ~3 at 100)."""
-
-
-def chunk_size(requested: int, clients: int, per_client: int, device: torch.device) -> int:
-    """How many clients train at once: ``requested`` (> 0) if it fits, else raises ``ValueError`` before any
-    training; 0 = automatic: on a GPU as many as fit in half the free memory, on a CPU as many as fit in
-    :data:`CPU_CHUNK_BYTES` (at least one)."""
-    avail = _available_bytes(device)
-    if requested > 0:
-        need = requested * per_client
-        if need > avail:
-            raise ValueError(f"batch-clients = {requested} needs about {need / 2**30:.2f} GiB for its buffers, "
-                             f"{avail / 2**30:.2f} GiB available on {device}: lower batch-clients (0 = automatic)")
-        return min(requested, clients)
-    budget = avail // 2 if device.type == "cuda" else min(avail // 2, CPU_CHUNK_BYTES)
-    return max(1, min(clients, budget // max(per_client, 1)))
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -458,6 +295,16 @@ def _train_chunk(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], chunk:
     return results
 
 
+def _unflat(flat: Tensor, names: Sequence[str], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """One client's flat vector as named tensors of ``like``'s shapes, on the CPU."""
+    out, i = {}, 0
+    for k in names:
+        n = like[k].numel()
+        out[k] = flat[i : i + n].view(like[k].shape).cpu().clone()
+        i += n
+    return out
+
+
 def _ivon_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, prec: Tensor, ess: Tensor,
                 lr: Tensor, names: list[str], device: torch.device, dtype: torch.dtype, T: int, active: list[int],
                 loss_and_grad: Any, loss_sum: Tensor, extra: list[dict[str, float]]) -> Any:
@@ -474,9 +321,7 @@ def _ivon_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, pr
     mom = torch.zeros_like(M)
     hd = hess + delta
     inv_sigma = (hd * ess).sqrt_()
-    inv_ess = 1.0 / ess
     has_lin = bool(lin.any())  # a linear prior term only where a prior precision is 0: usually none
-    neg_inv_ess, neg_lr = -inv_ess, -lr
     gens = [torch.Generator(device=device).manual_seed(c.settings.seed + 1) for c in chunk]
     P = M.shape[1]
 
@@ -500,60 +345,34 @@ def _ivon_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, pr
         for smp in range(S):
             eps = prev.neg() if anti and smp % 2 == 1 and prev is not None else next(draws)
             prev = eps
-            losses, g = loss_and_grad(torch.addcdiv(m, eps, inv_sigma[:c], out=theta_buf[:c]), t, c)
+            losses, g = loss_and_grad(U.ivon_sample(m, eps, inv_sigma[:c], out=theta_buf[:c]), t, c)
             if S > 1:
                 g = g.clone()  # the gradient buffer is reused by the next sample
             loss_sum[:c] += losses.double()
             # ĥ's sample into the running mean's buffer (first sample) or scratch (later ones), as IVON does
-            gx = torch.mul(g, eps, out=(hh_buf if smp == 0 else tmp)[:c]).mul_(inv_sigma[:c])
+            gx = U.price_hess_sample(g, eps, inv_sigma[:c], out=(hh_buf if smp == 0 else tmp)[:c])
             if smp == 0:
                 g_avg, hh_avg = g, gx
             else:
                 assert g_avg is not None and hh_avg is not None
-                g_avg.add_(g.sub_(g_avg), alpha=1.0 / (smp + 1))
-                hh_avg.add_(gx.sub_(hh_avg), alpha=1.0 / (smp + 1))
+                U.running_mean_(g_avg, g, smp)
+                U.running_mean_(hh_avg, gx, smp)
         assert g_avg is not None and hh_avg is not None
         with torch.no_grad():
-            step = t + 1
-            debias = 1.0 - b1**step
-            mom[:c].lerp_(g_avg, 1.0 - b1)
-            corr = torch.sub(h, hh_avg, out=tmp[:c]).square_().div_(hd[:c])
-            h.lerp_(hh_avg, 1.0 - b2).add_(corr, alpha=0.5 * (1.0 - b2) ** 2)
-            # h + δ and σ⁻¹ = √(ess(h + δ)) written straight into their buffers (no copy), the per-client
-            # learning rate and 1/ess folded into one addcmul each
-            denom = torch.add(h, delta[:c], out=hd[:c])
-            num = torch.sub(m, center[:c], out=tmp[:c]).mul_(delta[:c])
-            num.add_(mom[:c], alpha=1.0 / debias)
-            if has_lin:
-                num.addcmul_(lin[:c], neg_inv_ess[:c])
-            upd = num.div_(denom)
-            if math.isfinite(clip):
-                upd.clamp_(-clip, clip)
-            m.addcmul_(upd, neg_lr[:c])
-            torch.mul(denom, ess[:c], out=inv_sigma[:c]).sqrt_()
+            U.ivon_step_(m, h, mom[:c], hd[:c], inv_sigma[:c], g_avg, hh_avg, delta[:c], ess=ess[:c], lr=lr[:c],
+                       beta1=b1, beta2=b2, debias=1.0 - b1 ** (t + 1), clip=clip, center=center[:c],
+                       lin=lin[:c] if has_lin else None, tmp=tmp[:c])
     for j, cl in enumerate(chunk):
         extra[j]["site_clamped"] = 0.0 if cl.settings.signed_site else float(int((hess[j] < 0).sum()))
 
     def site(j: int) -> DiagGaussian:
-        """s̃ = ess·h (signed, or clamped at 0), η̃ = s̃ ⊙ m + s_π ⊙ (m − c) − r in float64 (:meth:`IVON.site`)."""
+        """IVON's site (:func:`fedbayes.updates.ivon_site`, as :meth:`fedbayes.ivon.IVON.site`) of client j."""
         cl = chunk[j]
-        out_e: dict[str, Tensor] = {}
-        out_p: dict[str, Tensor] = {}
-        m64 = M[j].double()
-        s_site = cl.ess * hess[j].double()
-        if not cl.settings.signed_site:
-            s_site = s_site.clamp_min(0.0)
-        i = 0
-        for k in names:
-            sh = cl.prior.prec[k].shape
-            n = int(math.prod(sh))
-            cen, lin64 = split_natural(cl.prior.eta[k].reshape(-1), cl.prior.prec[k].reshape(-1))
-            s_pi = cl.prior.prec[k].reshape(-1).double().to(device)
-            ss, mm = s_site[i : i + n], m64[i : i + n]
-            out_e[k] = site_eta(ss, mm, s_pi, cen.to(device), lin64.to(device)).view(sh).cpu()
-            out_p[k] = ss.view(sh).cpu().clone()
-            i += n
-        return DiagGaussian(out_e, out_p)
+        e64 = torch.cat([cl.prior.eta[k].reshape(-1).double() for k in names]).to(device)
+        s_pi = torch.cat([cl.prior.prec[k].reshape(-1).double() for k in names]).to(device)
+        eta, s_site = U.ivon_site(cl.ess, hess[j], M[j], s_pi, *split_natural(e64, s_pi),
+                                  signed=cl.settings.signed_site)
+        return DiagGaussian(_unflat(eta, names, cl.prior.prec), _unflat(s_site, names, cl.prior.prec))
 
     return site
 
@@ -571,6 +390,7 @@ def _point_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, p
     b1, b2 = s0.beta1, float(s0.beta2 or ADAM_BETA2)
     exp_avg = torch.zeros_like(M) if adam else None
     exp_avg_sq = torch.zeros_like(M) if adam else None
+    denom = torch.empty_like(M)
     buf = torch.zeros_like(M) if s0.momentum > 0 else None
     for t in range(T):
         c = active[t]
@@ -581,21 +401,14 @@ def _point_chunk(chunk: list[_Client], M: Tensor, center: Tensor, lin: Tensor, p
             if s0.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per client
                 norm = g.norm(dim=1, keepdim=True)
                 g.mul_((s0.grad_clip / (norm + 1e-6)).clamp_max_(1.0))
-            step = t + 1
             if adam:
                 assert exp_avg is not None and exp_avg_sq is not None
-                exp_avg[:c].lerp_(g, 1.0 - b1)
-                exp_avg_sq[:c].mul_(b2).addcmul_(g, g, value=1.0 - b2)
-                denom = (exp_avg_sq[:c].sqrt() / math.sqrt(1.0 - b2**step)).add_(ADAM_EPS)
-                m.addcmul_(exp_avg[:c].div(denom), lr[:c], value=-1.0 / (1.0 - b1**step))
+                U.adam_step_(m, exp_avg[:c], exp_avg_sq[:c], g, denom[:c], lr=lr[:c], beta1=b1, beta2=b2, step=t + 1,
+                           eps=ADAM_EPS)
             else:
                 if buf is not None:
-                    if step == 1:
-                        buf[:c] = g
-                    else:
-                        buf[:c].mul_(s0.momentum).add_(g)
-                    g = buf[:c]
-                m.addcmul_(g, lr[:c], value=-1.0)
+                    g = U.heavy_ball_(buf[:c], g, s0.momentum, first=t == 0)
+                U.sgd_step_(m, g, lr[:c])
 
 
 # ------------------------------------------------------------------------------------------------ the client's job

@@ -261,11 +261,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_NAMES = ("ivon", "engine", "flower", "whatif", "scale")
+BENCH_NAMES = ("ivon", "engine", "flower", "whatif", "scale", "cnn")
 """``fedbayes bench NAME``: :data:`simulations.bench.BENCHES` and the three with their own options (a test keeps the
 list equal to them; listed here so that building the parser imports no torch)."""
 OWN_OPTIONS = {"whatif": "simulations.bench_whatif", "scale": "simulations.bench_scale",
-               "engine": "simulations.bench_engine"}
+               "engine": "simulations.bench_engine", "cnn": "simulations.bench_cnn"}
 """Benchmarks that parse their own options (``fedbayes bench NAME --help``): NAME -> module with ``main(argv)``."""
 
 

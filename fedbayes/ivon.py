@@ -45,6 +45,7 @@ from torch import Tensor
 
 from fedbayes.noise import ahead_enabled, run_ahead
 from fedbayes.optim import FlatOptimizer
+from fedbayes.updates import ivon_sample, ivon_site, ivon_step_, price_hess_sample, running_mean_, site_eta
 
 __all__ = ["IVON", "site_eta", "split_natural"]
 
@@ -57,13 +58,6 @@ def split_natural(eta: Tensor, prec: Tensor) -> tuple[Tensor, Tensor]:
     center = torch.where(nz, e / torch.where(nz, s, torch.ones_like(s)), torch.zeros_like(e))
     lin = torch.where(nz, torch.zeros_like(e), e)
     return center, lin
-
-
-def site_eta(s_site: Tensor, m: Tensor, s_pi: Tensor, center: Tensor, lin: Tensor) -> Tensor:
-    """The site's first natural parameter given its precision s̃ and the posterior mean m it implies under the prior
-    (s_π, c, r) of :func:`split_natural`: η̃ = s̃ ⊙ m + s_π ⊙ (m − c) − r (so that (η_π + η̃)/(s_π + s̃) = m), written
-    without the difference of two large numbers.  Shared by IVON, Laplace and batched sites; call it in float64."""
-    return s_site * m + s_pi * (m - center) - lin
 
 
 class IVON(FlatOptimizer):
@@ -253,12 +247,9 @@ class IVON(FlatOptimizer):
             if prior64 is None:
                 prior64 = (group["prior_prec"].double(), group["prior_center"].double(),
                            group["prior_lin"].double())
-            s_pi, center, lin = prior64
-            s_site = group["ess"] * group["hess"].double()
-            if not signed:
-                s_site = torch.maximum(s_site.clamp_min(0.0), (min_post_prec - s_pi).clamp_min(0.0))
-            m = group["flat"].double()
-            etas += self._split(group, site_eta(s_site, m, s_pi, center, lin))
+            eta, s_site = ivon_site(group["ess"], group["hess"], group["flat"], *prior64, signed=signed,
+                                    min_post_prec=min_post_prec)
+            etas += self._split(group, eta)
             precs += self._split(group, s_site)
         return etas, precs
 
@@ -326,7 +317,7 @@ class IVON(FlatOptimizer):
                 sample = self._samples.get(gi)
                 if sample is None or sample.shape != flat.shape or sample.dtype != flat.dtype:
                     sample = self._samples[gi] = torch.empty_like(flat)
-                torch.addcdiv(flat, self._noise_now[gi], group["inv_sigma"], out=sample)
+                ivon_sample(flat, self._noise_now[gi], group["inv_sigma"], out=sample)
                 self._point(group, sample)
         self._draws += 1
         try:
@@ -341,14 +332,13 @@ class IVON(FlatOptimizer):
                     # the first sample writes straight into the running means' buffers, later ones into scratch
                     first = n == 0
                     g = self.flat_grad(group, out=self._scratch(group, "avg_grad" if first else "grad"))
-                    # ĥ sample: g ⊙ (θ − m)/σ² = g ⊙ ε/σ
-                    gx = torch.mul(g, self._noise_now[gi], out=self._scratch(group, "avg_hhat" if first else "hhat"))
-                    gx.mul_(group["inv_sigma"])
+                    gx = price_hess_sample(g, self._noise_now[gi], group["inv_sigma"],
+                                           out=self._scratch(group, "avg_hhat" if first else "hhat"))
                     if first:
                         group["avg_grad"], group["avg_hhat"] = g, gx
-                    else:  # Welford running means over the samples of this step
-                        group["avg_grad"].add_(g.sub_(group["avg_grad"]), alpha=1.0 / (n + 1))
-                        group["avg_hhat"].add_(gx.sub_(group["avg_hhat"]), alpha=1.0 / (n + 1))
+                    else:
+                        running_mean_(group["avg_grad"], g, n)
+                        running_mean_(group["avg_hhat"], gx, n)
                 if train:
                     self._count += 1
 
@@ -371,28 +361,11 @@ class IVON(FlatOptimizer):
             ess, b1, b2, lr = group["ess"], group["beta1"], group["beta2"], group["lr"]
             if self.rescale_lr:
                 lr = lr * (group["hess_init"] + group["weight_decay"])
-            debias = 1.0 - b1**t if self.debias else 1.0
-            m, h, delta = group["flat"], group["hess"], group["delta"]
-            hhat = group.pop("avg_hhat")
-            mom = group["momentum"].lerp_(group.pop("avg_grad"), 1.0 - b1)
-            # h ← β2 h + (1−β2) ĥ + ½(1−β2)² (h − ĥ)²/(h + δ)
-            tmp = self._scratch(group, "tmp")
-            corr = torch.sub(h, hhat, out=tmp).square_().div_(group["hd"])
-            h.lerp_(hhat, 1.0 - b2).add_(corr, alpha=0.5 * (1.0 - b2) ** 2)
-            denom = torch.add(h, delta, out=group["hd"])  # h + δ, in place: the correction term has used it
-            # m ← m − α (g/(1−β1ᵗ) + δ(m − c) − r/ess)/(h + δ)
-            if group["has_center"]:
-                num = torch.sub(m, group["prior_center"], out=tmp).mul_(delta)
-            else:
-                num = torch.mul(m, delta, out=tmp)
-            num.add_(mom, alpha=1.0 / debias)
-            if group["has_lin"]:
-                num.sub_(group["prior_lin"], alpha=1.0 / ess)
-            upd = num.div_(denom)
-            if math.isfinite(group["clip_radius"]):
-                upd.clamp_(-group["clip_radius"], group["clip_radius"])
-            m.sub_(upd, alpha=lr)
-            torch.mul(denom, ess, out=group["inv_sigma"]).sqrt_()
+            ivon_step_(group["flat"], group["hess"], group["momentum"], group["hd"], group["inv_sigma"],
+                       group.pop("avg_grad"), group.pop("avg_hhat"), group["delta"], ess=ess, lr=lr, beta1=b1,
+                       beta2=b2, debias=1.0 - b1**t if self.debias else 1.0, clip=group["clip_radius"],
+                       center=group["prior_center"] if group["has_center"] else None,
+                       lin=group["prior_lin"] if group["has_lin"] else None, tmp=self._scratch(group, "tmp"))
         self._count = 0
         self._draws = 0
         return loss

@@ -9,6 +9,8 @@ vector (the parameters become views into it).
 * :class:`Adam` — Kingma & Ba 2015, exactly torch's default (non-AMSGrad, no weight decay):
   m ← β1 m + (1−β1) g,  v ← β2 v + (1−β2) g²,  θ ← θ − α (m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε).
 * :class:`SGD` — with heavy-ball momentum μ: b ← μ b + g (b = g at t = 1), θ ← θ − α b.
+
+The update maths itself is in :mod:`fedbayes.updates` (shared with the batched clients).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from fedbayes.updates import adam_step_, heavy_ball_, sgd_step_
 
 __all__ = ["SGD", "Adam", "FlatOptimizer"]
 
@@ -112,11 +116,8 @@ class Adam(FlatOptimizer):
             g["step"] += 1
             t, (b1, b2) = g["step"], g["betas"]
             grad = self.flat_grad(g, out=self._scratch(g, "grad"))
-            g["exp_avg"].lerp_(grad, 1.0 - b1)
-            g["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-            denom = torch.sqrt(g["exp_avg_sq"], out=self._scratch(g, "denom"))
-            denom.div_(math.sqrt(1.0 - b2**t)).add_(g["eps"])
-            g["flat"].addcdiv_(g["exp_avg"], denom, value=-g["lr"] / (1.0 - b1**t))
+            adam_step_(g["flat"], g["exp_avg"], g["exp_avg_sq"], grad, self._scratch(g, "denom"), lr=g["lr"],
+                       beta1=b1, beta2=b2, step=t, eps=g["eps"])
 
 
 class SGD(FlatOptimizer):
@@ -133,6 +134,8 @@ class SGD(FlatOptimizer):
             g["step"] += 1
             grad = self.flat_grad(g)
             if g["momentum"] > 0:
-                g["buf"] = grad.clone() if g["buf"] is None else g["buf"].mul_(g["momentum"]).add_(grad)
-                grad = g["buf"]
-            g["flat"].add_(grad, alpha=-g["lr"])
+                first = g["buf"] is None
+                if first:
+                    g["buf"] = torch.empty_like(grad)
+                grad = heavy_ball_(g["buf"], grad, g["momentum"], first)
+            sgd_step_(g["flat"], grad, g["lr"])

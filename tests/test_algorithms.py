@@ -604,3 +604,36 @@ def test_running_sums_are_recomputed_when_unset_and_on_schedule(monkeypatch: pyt
     rule.aggregate(5, [ClientUpdate(1, 5, site=site)])
     want = rule.recomputed_sums()
     assert torch.allclose(rule.state.post_sum.prec["w"], want[0].prec["w"], rtol=1e-14, atol=0)
+
+
+def test_a_rule_declares_its_state_types_once() -> None:
+    """``class Rule(Algorithm[G, C])`` is the one place a rule names its state types: GlobalState/ClientState come
+    from it (inherited by a subclass), and the running sums are the fields marked DERIVED where they are declared."""
+    import dataclasses
+    import types
+
+    from fedbayes.algorithms.base import Algorithm
+    from fedbayes.algorithms.bayes_admm import ADMMState, Client
+    from fedbayes.algorithms.fedavg import MeanState
+    from fedbayes.algorithms.sites import SiteClient, SiteState
+    from fedbayes.algorithms.state import DERIVED, NoState, State
+
+    assert (BayesADMM.GlobalState, BayesADMM.ClientState) == (ADMMState, Client)
+    assert (PVI.GlobalState, PVI.ClientState) == (FedLapCov.GlobalState, FedLapCov.ClientState) == (SiteState,
+                                                                                                    SiteClient)
+    assert (FedAvg.GlobalState, FedAvg.ClientState) == (FedProx.GlobalState, FedProx.ClientState) == (MeanState,
+                                                                                                      NoState)
+    assert ADMMState.derived_fields() == ("post_sum", "dual_sum")
+    assert FedADMM.GlobalState.derived_fields() == ("total",) and SiteState.derived_fields() == ("site_sum",)
+    assert FedDyn.GlobalState.derived_fields() == ()
+
+    @dataclasses.dataclass(frozen=True)
+    class Sums(State):
+        mean: dict[str, torch.Tensor] | None = None
+        total: dict[str, torch.Tensor] | None = dataclasses.field(default=None, metadata=DERIVED)
+
+    one = {"w": torch.ones(2)}
+    st = Sums(mean=one, total=one).without_derived()
+    assert st.total is None and st.mean is one
+    with pytest.raises(TypeError, match=r"Algorithm\[GlobalState, ClientState\] takes two State classes"):
+        types.new_class("Bad", (Algorithm[int, NoState],))  # type: ignore[type-var]

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import fedbayes.batched as batched
+import fedbayes.stacked as stacking
 from fedbayes.algorithms import algorithm_names
 from fedbayes.batched import Unbatchable, check_batchable, train_batched
 from fedbayes.config import ConfigError, resolve
@@ -206,13 +207,13 @@ def test_client_engine_choices(tmp_path: Path, caplog: pytest.LogCaptureFixture)
 
 
 def test_batch_clients_is_checked_against_the_memory_there_is(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batched, "_available_bytes", lambda device: 10 * 2**20)
+    monkeypatch.setattr(stacking, "_available_bytes", lambda device: 10 * 2**20)
     per = batched.client_bytes(178_110, 64, 310)
     assert per == 4 * (16 * 178_110 + 4 * 64 * 310)
     assert batched.chunk_size(0, 100, per, torch.device("cpu")) == 1  # at least one, even where none fits
-    monkeypatch.setattr(batched, "_available_bytes", lambda device: 64 * 2**30)
+    monkeypatch.setattr(stacking, "_available_bytes", lambda device: 64 * 2**30)
     assert batched.chunk_size(0, 100, per, torch.device("cpu")) == batched.CPU_CHUNK_BYTES // per == 4
-    monkeypatch.setattr(batched, "_available_bytes", lambda device: 10 * 2**20)
+    monkeypatch.setattr(stacking, "_available_bytes", lambda device: 10 * 2**20)
     with pytest.raises(ValueError, match="batch-clients = 3 needs about"):
         batched.chunk_size(3, 100, per, torch.device("cpu"))
 

@@ -23,6 +23,7 @@ state (zero site/dual; for mean-based rules, the initial global mean).  K in α 
 from __future__ import annotations
 
 import math
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -165,9 +166,10 @@ class Algorithm(ABC, Generic[G, C]):
     has precision > 0 (checked by :func:`fedbayes.protocol.decode_reply` given the prior)."""
     Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
     GlobalState: ClassVar[type[State]]
-    """The type of ``self.state``."""
+    """The type of ``self.state``: the first type argument of ``Algorithm[GlobalState, ClientState]`` (set from the
+    class statement by :meth:`__init_subclass__`, so a rule names its state types once)."""
     ClientState: ClassVar[type[State]] = NoState
-    """The type of each client's state (:meth:`client`)."""
+    """The type of each client's state (:meth:`client`): the second type argument."""
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam"}
     """Local settings this rule asks for (a user's explicit local settings override them)."""
     search_space: ClassVar[dict[str, Dim]] = {}
@@ -177,6 +179,18 @@ class Algorithm(ABC, Generic[G, C]):
     removal_estimators: ClassVar[tuple[str, ...]] = ()
     """What-if (:mod:`fedbayes.whatif`): the names of this rule's estimators of a client's contribution to the
     global posterior, the default first; empty: the rule keeps no per-client contribution (point rules)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Read ``GlobalState`` and ``ClientState`` from the type arguments of ``class Rule(Algorithm[G, C])`` (a
+        subclass of a rule inherits its parent's)."""
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):
+            if typing.get_origin(base) is Algorithm:
+                g, c = typing.get_args(base)
+                if not (isinstance(g, type) and issubclass(g, State) and isinstance(c, type) and issubclass(c, State)):
+                    raise TypeError(f"{cls.__name__}: Algorithm[GlobalState, ClientState] takes two State classes, "
+                                    f"got {g!r}, {c!r}")
+                cls.GlobalState, cls.ClientState = g, c
 
     def contributions(self, estimator: str) -> dict[int, DiagGaussian]:
         """Each client's contribution ĝₖ to the global posterior (by slot), so that λ₋S = λ − Σ_{k∈S} ĝₖ

@@ -21,14 +21,14 @@ we implement the standard consensus ADMM instead (its fixed point is the minimis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import Field
 
 from fedbayes.algorithms.base import Algorithm, AlgorithmConfig, ClientTask, ClientUpdate, recompute_due
 from fedbayes.algorithms.space import Dim, LogUniform
-from fedbayes.algorithms.state import State
+from fedbayes.algorithms.state import DERIVED, State
 from fedbayes.gaussian import DiagGaussian, Params
 
 __all__ = ["FedADMM", "FedADMMConfig"]
@@ -36,13 +36,11 @@ __all__ = ["FedADMM", "FedADMMConfig"]
 
 @dataclass(frozen=True)
 class Global(State):
-    DERIVED: ClassVar[tuple[str, ...]] = ("total",)
-
     mean: Params
     """m_g."""
     init: Params | None = None
     """The round-0 mean: mₖ of a client never heard from (set at the first update)."""
-    total: Params | None = None
+    total: Params | None = field(default=None, metadata=DERIVED)
     """T = Σ_{k active} (mₖ + yₖ/ρ), the running sum behind m_g = T/K (clients never heard from count as init)."""
 
 
@@ -65,8 +63,6 @@ class FedADMM(Algorithm[Global, Client]):
     search_space: ClassVar[dict[str, Dim]] = {"lr": LogUniform(1e-4, 1e-2), "rho": LogUniform(1e-4, 1.0)}
     Config = FedADMMConfig
     config: FedADMMConfig
-    GlobalState = Global
-    ClientState = Client
 
     def init_state(self, init_mean: Params) -> Global:
         return Global(mean=init_mean)

@@ -36,7 +36,6 @@ class FedAvg(Algorithm[MeanState, NoState]):
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "adam", "lr": 1e-3}
     summary: ClassVar[str] = "weighted average of local models (McMahan et al. 2017)"
     search_space: ClassVar[dict[str, Dim]] = {"lr": LogUniform(1e-4, 1e-2)}
-    GlobalState = MeanState
 
     def init_state(self, init_mean: Params) -> MeanState:
         return MeanState(mean=init_mean)

@@ -55,8 +55,6 @@ class FedDyn(Algorithm[Global, Client]):
     search_space: ClassVar[dict[str, Dim]] = {"lr": LogUniform(1e-4, 1e-2), "alpha": LogUniform(1e-4, 1.0)}
     Config = FedDynConfig
     config: FedDynConfig
-    GlobalState = Global
-    ClientState = Client
 
     def init_state(self, init_mean: Params) -> Global:
         return Global(mean=init_mean, h=self.zeros())

@@ -66,8 +66,6 @@ class FedLap(Algorithm[Global, Client]):
     }
     Config = FedLapConfig
     config: FedLapConfig
-    GlobalState = Global
-    ClientState = Client
 
     @property
     def rho(self) -> float:

@@ -15,7 +15,7 @@ whatever K; every ``RECOMPUTE_EVERY`` rounds, and whenever it is unset (a fresh 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -29,7 +29,7 @@ from fedbayes.algorithms.base import (
     PosteriorState,
     recompute_due,
 )
-from fedbayes.algorithms.state import State
+from fedbayes.algorithms.state import DERIVED, State
 from fedbayes.gaussian import DiagGaussian, Params
 
 __all__ = ["SiteClient", "SiteConfig", "SiteRule", "SiteState"]
@@ -39,8 +39,7 @@ __all__ = ["SiteClient", "SiteConfig", "SiteRule", "SiteState"]
 class SiteState(PosteriorState):
     """λ_g and the round-1 start (:class:`PosteriorState`), and the running sum Σ_{k∈active} λ̃ₖ."""
 
-    DERIVED: ClassVar[tuple[str, ...]] = ("site_sum",)
-    site_sum: DiagGaussian | None = None
+    site_sum: DiagGaussian | None = field(default=None, metadata=DERIVED)
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,6 @@ class SiteRule(Algorithm[SiteState, SiteClient]):
     bayesian: ClassVar[bool] = True
     Config: ClassVar[type[AlgorithmConfig]] = SiteConfig
     config: SiteConfig
-    GlobalState = SiteState
-    ClientState = SiteClient
     warm_start_prec: ClassVar[bool] = False
     removal_estimators: ClassVar[tuple[str, ...]] = ("site",)
 

@@ -12,6 +12,12 @@ storage: :meth:`State.to_tensors` writes a Gaussian field ``f`` as ``f.eta/<para
 parameter field as ``f/<param>`` (the layout of every checkpoint fedbayes has written, so old checkpoints load
 unchanged); a field's key may differ from its Python name (``field(metadata={"key": "global"})``: ``global`` is a
 Python keyword).  Absent fields are ``None``.
+
+Each name is declared once, in the dataclass: the storage keys, the checkpoint layout, the client store's entries
+and what-if's edits all come from the fields (:func:`_layout`); a field that is a running sum over the clients is
+marked where it is declared (``metadata=DERIVED``), not listed again by name; and a rule's state
+types are the type arguments of ``Algorithm[GlobalState, ClientState]`` (:class:`fedbayes.algorithms.base.Algorithm`
+reads them from there).
 """
 
 from __future__ import annotations
@@ -20,16 +26,23 @@ import dataclasses
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 from torch import Tensor
 
 from fedbayes.gaussian import DiagGaussian, Params
 
-__all__ = ["NoState", "State"]
+__all__ = ["DERIVED", "NoState", "State"]
 
 
 _LAYOUTS: dict[type, tuple[tuple[str, str, bool], ...]] = {}
+
+
+DERIVED: Mapping[str, Any] = types.MappingProxyType({"derived": True})
+"""Field metadata of a field that is a sum over the clients' states (a running sum, recomputed from the client
+store): ``total: Params | None = field(default=None, metadata=DERIVED)``.  Whoever edits the client store behind the
+rule's back (``fedbayes forget``) unsets such fields with :meth:`State.without_derived`, and the rule recomputes
+them."""
 
 
 def _layout(cls: type) -> tuple[tuple[str, str, bool], ...]:
@@ -54,13 +67,14 @@ def _layout(cls: type) -> tuple[tuple[str, str, bool], ...]:
 class State:
     """Base of typed rule states (subclasses are frozen dataclasses of ``DiagGaussian | Params | None`` fields)."""
 
-    DERIVED: ClassVar[tuple[str, ...]] = ()
-    """Fields that are sums over the clients' states (running sums, :mod:`fedbayes.algorithms.sums`): whoever edits
-    the client store behind the rule's back (``fedbayes forget``) sets them to None, and the rule recomputes them."""
+    @classmethod
+    def derived_fields(cls) -> tuple[str, ...]:
+        """The fields declared with :data:`DERIVED` (sums over the clients' states)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("derived"))
 
     def without_derived(self) -> Self:
         """A copy with the :data:`DERIVED` fields unset (recomputed from the client store on the next update)."""
-        return dataclasses.replace(self, **{f: None for f in self.DERIVED})
+        return dataclasses.replace(self, **{f: None for f in self.derived_fields()})
 
     def to_tensors(self) -> dict[str, Tensor]:
         """The flat named tensors of the set fields (the storage layout)."""
