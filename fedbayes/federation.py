@@ -69,6 +69,7 @@ class Federation:
     rule: Algorithm
     device: str
     client_data: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    """Each client's ``(x, y)`` tensors, or ``(dataset, None)`` for a map-style torch Dataset (user data)."""
     x_test: Tensor | None = None
     y_test: Tensor | None = None
     validation: ValidationSet | None = None
@@ -148,8 +149,8 @@ class Federation:
         active = [c for c in range(run.num_clients) if c not in set(run.exclude_clients)]
         rule = exp.algorithm_cls(template, run.num_clients, exp.algo, store=store, active=active)
         device = resolve_device(run.device)
-        client_data: list[Any] = [(c[0], targets(c[1], user.task)) if isinstance(c, tuple) else c
-                                  for c in user.clients]
+        client_data: list[Any] = [(c[0], targets(c[1], user.task)) if isinstance(c, tuple) else (c, None)
+                                  for c in user.clients]  # (Dataset, None): the trainer's form of a Dataset
         fed = Federation(exp, data, parts, model, rule, device, client_data, user_data=user)
         fed.batched = batched_clients(exp, model, device, client_data)
         x_test, y_test = as_tensors(user.test)
@@ -201,7 +202,7 @@ def batched_clients(exp: Experiment, model: nn.Module, device: str, clients: lis
     try:
         if mode not in BATCHED_MODES:
             raise Unbatchable(f"local mode '{mode}' is not batched (batched modes: {list(BATCHED_MODES)})")
-        loaders = [k for k, c in enumerate(clients or []) if not isinstance(c, tuple)]
+        loaders = [k for k, c in enumerate(clients or []) if not isinstance(c, tuple) or c[1] is None]
         if loaders:
             raise Unbatchable(f"clients {loaders[:5]} are torch Datasets (each goes through its own DataLoader); "
                               "the batched clients take (x, y) tensors")
