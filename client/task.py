@@ -7,8 +7,9 @@ module on their first message.
 deployment passes ``--node-config "partition-id=0 num-partitions=3"``); the Flower node id is not used.
 
 **Data.** Either the node config names ``data-path``, the client's own ``.npz`` file with ``x`` (N examples,
-any shape after the first axis, flattened to N x D, float) and ``y`` (N labels: integers 0..C-1 for
-classification, floats for regression), or the client rebuilds partition ``partition-id`` (and nothing else) of the
+any shape after the first axis, kept as it is and checked with one forward pass of the model:
+:func:`fedbayes.federation.file_client`) and ``y`` (N labels: integers 0..C-1 for classification, floats for
+regression), or the client rebuilds partition ``partition-id`` (and nothing else) of the
 run's dataset exactly as the in-process engine does (:func:`fedbayes.federation.one_client`).  The run's configuration
 is the one the ServerApp resolved, carried by every message (:mod:`fedbayes.flower.records`), so a client reads no
 presets and resolves it once per process; of Flower's run config it reads only ``data-dir``.  Model and data are
@@ -139,7 +140,7 @@ class LocalData:
 
     @property
     def num_examples(self) -> int:
-        return int(self.x.shape[0])
+        return len(self.x)
 
 
 def load_npz(path: Path, exp: Experiment) -> tuple[np.ndarray, np.ndarray]:
@@ -152,44 +153,10 @@ def load_npz(path: Path, exp: Experiment) -> tuple[np.ndarray, np.ndarray]:
         path and the problem.
     """
     from fedbayes.data.datasets import get_spec
+    from fedbayes.data.user import load_client_file
 
-    where = f"node config 'data-path' {str(path)!r}"
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            names = list(z.files)
-            if "x" not in names or "y" not in names:
-                raise ValueError(f"{where}: the file must hold arrays 'x' and 'y', it has {names}")
-            x, y = np.asarray(z["x"]), np.asarray(z["y"])
-    except ValueError as e:
-        if str(e).startswith(where):
-            raise
-        raise ValueError(f"{where}: cannot read it as a .npz file ({e})") from None
-    except OSError as e:
-        raise ValueError(f"{where}: cannot read it ({e.strerror or e})") from None
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(f"{where}: 'x' must have shape (N, features...) with N >= 1, got {x.shape}")
-    if x.dtype.kind not in "fiu":
-        raise ValueError(f"{where}: 'x' must be numeric, got dtype {x.dtype}")
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"{where}: 'y' must have shape ({x.shape[0]},) to match 'x', got {y.shape}")
-    x = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError(f"{where}: 'x' contains NaN or Inf")
     spec = get_spec(exp.run.dataset)
-    if spec.task == "classification":
-        if y.dtype.kind not in "iu" and not (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
-            raise ValueError(f"{where}: 'y' must hold integer class labels, got dtype {y.dtype}")
-        if y.min() < 0 or y.max() >= spec.num_classes:
-            raise ValueError(
-                f"{where}: labels must be in [0, {spec.num_classes}) for {exp.run.dataset}, "
-                f"got [{y.min()}, {y.max()}]"
-            )
-        y = y.astype(np.int64)
-    else:
-        if y.dtype.kind not in "fiu" or not np.isfinite(y).all():
-            raise ValueError(f"{where}: 'y' must hold finite numbers for regression, got dtype {y.dtype}")
-        y = y.astype(np.float32)
-    return x, y
+    return load_client_file(path, spec.task, spec.num_classes)
 
 
 _lock = threading.Lock()
@@ -208,24 +175,14 @@ def _data_key(exp: Experiment, spec: NodeSpec, data_dir: Path | None) -> str:
 
 
 def _build(exp: Experiment, spec: NodeSpec, data_dir: Path | None) -> LocalData:
-    import torch
-
-    from fedbayes.federation import make_model, one_client
+    from fedbayes.federation import file_client, one_client
 
     # the device is chosen per call (a valid change of two validated keys: no second resolve)
     cpu_exp = Experiment(exp.run.model_copy(update={"device": "cpu", "store": "memory"}), exp.algo)
     if spec.data_path is None:  # only this partition's tensors (no other client's, no server rule)
         model, x, y = one_client(cpu_exp, spec.partition_id, data_dir)
-        return LocalData(model, x, y, "partition")
-    from fedbayes.data import Dataset
-    from fedbayes.data.datasets import get_spec
-
-    x_np, y_np = load_npz(spec.data_path, exp)
-    ds_spec = get_spec(exp.run.dataset)
-    shape = (int(x_np.shape[1]),)
-    ds = Dataset(exp.run.dataset, x_np, y_np, x_np[:0], y_np[:0], ds_spec.task, ds_spec.num_classes, shape)
-    ydt = torch.long if ds.task == "classification" else torch.float32
-    return LocalData(make_model(cpu_exp, ds), torch.from_numpy(x_np), torch.from_numpy(y_np).to(ydt), "file")
+        return LocalData(model, x, y, "partition")  # type: ignore[arg-type]  # x: a Dataset with data = "pkg:fn"
+    return LocalData(*file_client(cpu_exp, spec.data_path), "file")
 
 
 def local_data(exp: Experiment, spec: NodeSpec, data_dir: Path | None) -> LocalData:

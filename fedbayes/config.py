@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from fedbayes.algorithms import REGISTRY, Algorithm, AlgorithmConfig, get_algorithm
 from fedbayes.data.datasets import DATASETS, dataset_names
 from fedbayes.data.partition import PARTITIONERS
+from fedbayes.data.user import is_import_path
 from fedbayes.keys import kebab, kebab_keys
 from fedbayes.local import USER_KEYS, LocalSettings
 from fedbayes.models import model_names
@@ -40,6 +41,10 @@ class ConfigError(ValueError):
     """A configuration problem, reported before any training starts."""
 
 
+PYTHON = "python"
+"""The ``model``/``data`` value of a run whose model or data were Python objects (:func:`fedbayes.run`)."""
+
+
 LOCAL_KEYS = USER_KEYS
 """The run's local-training keys: generated from :class:`fedbayes.local.LocalSettings` (:data:`USER_KEYS`)."""
 
@@ -52,7 +57,16 @@ class RunKeys(BaseModel):
     algorithm: str = "bayes-admm"
     dataset: str = "digits"
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    data: str = ""
+    """The clients' data from your own code: ``"package.module:function"`` returning a
+    :class:`fedbayes.data.user.FederatedData` (clients, test set, task; :mod:`fedbayes.data.user` says what it may
+    hold).  Then ``dataset`` and the partition keys are not used, and ``num-clients`` must equal its client count.
+    ``"python"``: data handed to :func:`fedbayes.run` as objects (recorded, not rebuildable from the config).
+    ``""``: the built-in ``dataset``."""
     model: str = "mlp"
+    """A built-in model (``fedbayes keys``: logreg, mlp, linreg, cnn, resnet20) or your own:
+    ``"package.module:factory"`` returning an ``nn.Module`` (:mod:`fedbayes.data.user`); ``"python"``: a model
+    object handed to :func:`fedbayes.run`."""
     hidden: tuple[int, ...] = (200, 100)
     activation: Literal["sigmoid", "relu", "tanh", "gelu"] = "sigmoid"
     num_clients: int = Field(10, ge=1, le=100_000)
@@ -187,8 +201,16 @@ class RunKeys(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        if v not in model_names():
-            raise ValueError(unknown("model", v, model_names()))
+        if v not in model_names() and v != PYTHON and not is_import_path(v):
+            raise ValueError(unknown("model", v, model_names()) + " or an import path 'package.module:factory'")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: str) -> str:
+        if v not in ("", PYTHON) and not is_import_path(v):
+            raise ValueError(f"data must be an import path 'package.module:function' (or '' for the built-in "
+                             f"dataset), got {v!r}")
         return v
 
     @field_validator("partition")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from fedbayes.config import Experiment, resolve
-from fedbayes.data import split_summary
 from fedbayes.federation import Federation
 from fedbayes.protocol import execute
 from fedbayes.provenance import strip
@@ -42,6 +41,8 @@ def run_experiment(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     fail: Callable[[int, int], bool] | None = None,
     stop_round: int | None = None,
+    build: Callable[[Experiment, Path | None], Federation] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) an experiment in process; returns the metrics rows.
 
@@ -65,6 +66,11 @@ def run_experiment(
         ``fail(round, client) -> True`` drops that client's reply (failure injection for tests/benchmarks).
     stop_round
         Stop after this round while keeping the configured ``rounds`` (a later resume continues exactly).
+    build
+        ``build(exp, out_dir) -> Federation`` in place of :meth:`Federation.build` (:func:`fedbayes.run`: a
+        federation of the caller's model and data objects).
+    provenance
+        A new run's ``config.json`` provenance (default: :func:`fedbayes.provenance.provenance` now).
     """
     if not isinstance(exp, Experiment):
         exp = resolve(strip(exp))  # a config.json as written (its provenance is not a config key) is a config
@@ -78,17 +84,18 @@ def run_experiment(
         exp, start_round, rows = cont.exp, cont.start_round, list(cont.rows)
     elif out is not None:
         check_new_run(out, overwrite)  # RunExistsError before anything is touched; overwrite: the old run removed
-    fed = Federation.build(exp, out, data_dir)
+    fed = build(exp, out) if build is not None else Federation.build(exp, out, data_dir)
     if cont is not None:
         cont.load_into(fed.rule)
     writer = None
     if out is not None:
-        writer = prepare_folder(cont) if cont is not None else ResultsWriter(out, exp.to_flat())
+        writer = prepare_folder(cont) if cont is not None else ResultsWriter(out, exp.to_flat(), provenance=provenance)
     if out is not None:
         fed.write_split(out)
-    log.info("%s: %s", exp.run.dataset, split_summary(fed.parts, fed.data.y_train))
+    source = exp.run.data or exp.run.dataset
+    log.info("%s: %s", source, fed.summary())
     if progress:
-        print(f"[fedbayes] {exp.run.algorithm} on {exp.run.dataset}: {split_summary(fed.parts, fed.data.y_train)}")
+        print(f"[fedbayes] {exp.run.algorithm} on {source}: {fed.summary()}")
     return run_rounds(fed, exp, rows, writer, start_round=start_round, stop_round=stop_round, progress=progress,
                       on_round=on_round, fail=fail)
 

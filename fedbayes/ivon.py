@@ -345,9 +345,20 @@ class IVON(FlatOptimizer):
     # ------------------------------------------------------------------ update
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One IVON update from the samples accumulated since the last step."""
+        """One IVON update from the samples accumulated since the last step.
+
+        ``closure`` (as ``torch.optim``'s: zero the gradients, compute the loss, ``backward()``, return the loss)
+        with no samples accumulated yet: it is called at ``mc_samples`` posterior samples θ ~ q, each inside
+        :meth:`sampled_params`, and their mean loss is returned.  With samples already accumulated (the explicit
+        loop), it is called once at the mean, as torch's optimisers do."""
         loss = None
-        if closure is not None:
+        if closure is not None and self._count == 0:
+            losses = []
+            for _ in range(self.mc_samples):
+                with torch.enable_grad(), self.sampled_params(train=True):
+                    losses.append(closure())
+            loss = losses[0] if len(losses) == 1 else sum(losses) / len(losses)
+        elif closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self._count == 0:

@@ -40,6 +40,7 @@ from typing import Any, Literal, get_args
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
+from torch.utils.data import Dataset as TorchDataset
 
 from fedbayes.curvature import diag_ggn
 from fedbayes.gaussian import DiagGaussian, check_same_layout
@@ -233,7 +234,15 @@ def _check_buffers_unchanged(model: nn.Module, before: Mapping[str, Tensor]) -> 
             )
 
 
-def _check_data(x: Tensor, y: Tensor) -> None:
+def _check_data(x: Tensor | TorchDataset, y: Tensor | None) -> None:
+    if not isinstance(x, Tensor):  # a map-style Dataset of (x, y) pairs: its batches are checked as they come
+        if y is not None:
+            raise ValueError("local data: a Dataset holds its own targets; pass y=None")
+        if len(x) == 0:  # type: ignore[arg-type]
+            raise ValueError("local data is empty: a client needs at least one example")
+        return
+    if y is None:
+        raise ValueError("local data: tensors x need their targets y")
     if x.shape[0] == 0:
         raise ValueError("local data is empty: a client needs at least one example")
     if x.shape[0] != y.shape[0]:
@@ -262,6 +271,9 @@ class _Fit:
     dtype: torch.dtype
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     batch_gen: torch.Generator
+    source: TorchDataset | None = None
+    """A map-style Dataset (then ``x``/``y`` are read from it only where the whole set is needed: L-BFGS, the
+    Laplace site); None: the tensors ``x``, ``y``."""
     loss_sum: Tensor | float = 0.0
     """Summed minibatch losses, kept on the device (a float64 tensor): no host sync per step."""
     loss_count: int = 0
@@ -269,13 +281,39 @@ class _Fit:
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The minibatches (x, y): one ``randperm`` per epoch, the epoch's data gathered once in that order and
-        cut into views (one gather per epoch instead of one per step)."""
+        cut into views (one gather per epoch instead of one per step).  A Dataset goes through a ``DataLoader``
+        whose batches are that same permutation cut in the same places, so it trains as the equal tensors do."""
         b = min(self.settings.batch_size, self.n)
+        if self.source is not None:
+            from torch.utils.data import DataLoader
+
+            for _ in range(self.settings.epochs):
+                order = torch.randperm(self.n, generator=self.batch_gen).tolist()
+                cuts = [order[i : i + b] for i in range(0, self.n, b)]
+                for xb, yb in DataLoader(self.source, batch_sampler=cuts, num_workers=0):
+                    yield self.cast(xb, yb)
+            return
         for _ in range(self.settings.epochs):
             perm = torch.randperm(self.n, generator=self.batch_gen).to(self.device)
             xe, ye = self.x.index_select(0, perm), self.y.index_select(0, perm)  # 3-4x faster than x[perm] on a CPU
             for i in range(0, self.n, b):
                 yield xe[i : i + b], ye[i : i + b]
+
+    def cast(self, x: Tensor, y: Any) -> tuple[Tensor, Tensor]:
+        """A batch on the device: floating inputs in the model's dtype, targets as the loss takes them."""
+        x = x.to(self.device)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        y = torch.as_tensor(y).to(self.device)
+        return x, (y.long() if self.settings.loss == "ce" else y.to(self.dtype))
+
+    def full(self) -> tuple[Tensor, Tensor]:
+        """All of the client's examples at once (a Dataset read once, in order, through its transforms)."""
+        if self.source is not None and self.x.numel() == 0:
+            from fedbayes.data.user import as_tensors
+
+            self.x, self.y = self.cast(*as_tensors(self.source))
+        return self.x, self.y
 
     def planned_steps(self) -> int:
         """The number of steps :meth:`batches` and :meth:`done` allow: epochs × ⌈n/b⌉, capped by max-steps."""
@@ -289,15 +327,15 @@ class _Fit:
         return bool(self.settings.max_steps) and self.steps >= self.settings.max_steps
 
 
-def _prepare(model: nn.Module, prior: DiagGaussian, x: Tensor, y: Tensor, settings: LocalSettings,
-             start_mean: Mapping[str, Tensor] | None) -> _Fit:
+def _prepare(model: nn.Module, prior: DiagGaussian, x: Tensor | TorchDataset, y: Tensor | None,
+             settings: LocalSettings, start_mean: Mapping[str, Tensor] | None) -> _Fit:
     _check_data(x, y)
     device = torch.device(settings.device)
     model.to(device)
     named = dict(model.named_parameters())
     prior.validate(named, min_prec=None, what="prior")
     dtype = next(iter(named.values())).dtype
-    n = int(x.shape[0])
+    n = int(x.shape[0]) if isinstance(x, Tensor) else len(x)  # type: ignore[arg-type]
     ess = n / (settings.temperature * settings.ess_scale)
     if settings.prior_per_example:
         prior = prior.scale(ess)
@@ -311,15 +349,20 @@ def _prepare(model: nn.Module, prior: DiagGaussian, x: Tensor, y: Tensor, settin
         c, r = split_natural(prior.eta[k], prior.prec[k])
         centers[k], lins[k] = c.to(device=device, dtype=dtype), r.to(device=device, dtype=dtype)
         precs[k] = prior.prec[k].to(device=device, dtype=dtype)
-    x, y = x.to(device), y.to(device)
-    y = y.long() if settings.loss == "ce" else y.to(dtype)
+    source = None
+    if isinstance(x, Tensor):
+        assert y is not None
+        x, y = x.to(device), y.to(device)
+        y = y.long() if settings.loss == "ce" else y.to(dtype)
+    else:
+        source, x, y = x, torch.empty(0), torch.empty(0)
     # Randomness comes from explicit generators seeded by settings.seed (batch order, IVON noise); the global CPU
     # generator is seeded too for stochastic layers.  (torch.manual_seed would also queue a lazy CUDA seeding
     # that records a stack trace: ~2.6 ms per call, a third of a small client's training time.)
     torch.default_generator.manual_seed(settings.seed)
     batch_gen = torch.Generator().manual_seed(settings.seed)
     return _Fit(model, named, prior, centers, lins, precs, x, y, n, ess, settings, device, dtype,
-                _loss_fn(settings), batch_gen)
+                _loss_fn(settings), batch_gen, source)
 
 
 def _fit_ivon(f: _Fit, start_prec: Mapping[str, Tensor] | None) -> tuple[DiagGaussian, dict[str, float]]:
@@ -379,9 +422,11 @@ def _fit_point(f: _Fit) -> None:
                                   tolerance_grad=1e-14, tolerance_change=0.0, history_size=50,
                                   line_search_fn="strong_wolfe")
 
+        x_all, y_all = f.full()
+
         def closure() -> Tensor:
             opt_l.zero_grad(set_to_none=True)
-            total = f.loss_fn(f.model(f.x), f.y) + penalty()
+            total = f.loss_fn(f.model(x_all), y_all) + penalty()
             total.backward()
             return total
 
@@ -428,8 +473,8 @@ def laplace_site(model: nn.Module, named: Mapping[str, Tensor], prior: DiagGauss
 def train_local(
     model: nn.Module,
     prior: DiagGaussian,
-    x: Tensor,
-    y: Tensor,
+    x: Tensor | TorchDataset,
+    y: Tensor | None,
     settings: LocalSettings,
     *,
     start_mean: Mapping[str, Tensor] | None = None,
@@ -444,7 +489,9 @@ def train_local(
     prior
         π as natural parameters (any dtype; zero precision = no prior), names/shapes of ``model``.
     x, y
-        The client's data.
+        The client's data: tensors (x of shape (N, …), y of shape (N,)), or a map-style torch ``Dataset`` of
+        (x, y) pairs as ``x`` with ``y=None`` (batches through a ``DataLoader`` in the same seeded order:
+        :meth:`_Fit.batches`; Nₖ = ``len(x)``).
     settings
         See :class:`LocalSettings`.
     start_mean, start_prec
@@ -464,7 +511,7 @@ def train_local(
     else:
         _fit_point(f)
         if settings.laplace:
-            site = laplace_site(f.model, f.named, f.prior, f.x, f.ess, settings.loss, settings.noise_var)
+            site = laplace_site(f.model, f.named, f.prior, f.full()[0], f.ess, settings.loss, settings.noise_var)
     _check_buffers_unchanged(f.model, buffers)
     for k, p in f.named.items():
         if not bool(torch.isfinite(p).all()):

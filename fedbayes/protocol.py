@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset as TorchDataset
 
 from fedbayes.algorithms.base import ClientTask, ClientUpdate
 from fedbayes.gaussian import DiagGaussian
@@ -223,11 +224,12 @@ def execute(
     model: nn.Module,
     records: Mapping[str, Mapping[str, np.ndarray]],
     config: Mapping[str, Any],
-    x: Tensor,
-    y: Tensor,
+    x: Tensor | TorchDataset,
+    y: Tensor | None,
     device: str | None = None,
 ) -> tuple[Records, dict[str, float | int]]:
-    """The client's whole job: decode the message, train under the prior, encode the reply."""
+    """The client's whole job: decode the message, train under the prior, encode the reply (``x`` may be a
+    map-style torch ``Dataset`` of (x, y) pairs, with ``y=None``: :func:`fedbayes.local.train_local`)."""
     task, settings, reply = decode_job({k: tuple(v.shape) for k, v in model.named_parameters()}, records, config,
                                        device)
     res = train_local(model, task.prior, x, y, settings, start_mean=task.start_mean, start_prec=task.start_prec)

@@ -267,7 +267,8 @@ def test_client_data_path_problems_name_the_file(tmp_path: Path) -> None:
         "no-y": (_write_npz(tmp_path / "noy.npz", x=x), "must hold arrays 'x' and 'y'"),
         "short-y": (_write_npz(tmp_path / "short.npz", x=x, y=y[:-1]), "'y' must have shape"),
         "labels": (_write_npz(tmp_path / "lab.npz", x=x, y=y + 10), "labels must be in [0, 10)"),
-        "1-d x": (_write_npz(tmp_path / "flat.npz", x=x[:, 0], y=y), "'x' must have shape (N, features...)"),
+        "1-d x": (_write_npz(tmp_path / "flat.npz", x=x.reshape(len(x), -1)[:, 0], y=y),
+                  "'x' must have shape (N, features...)"),
         "nan": (_write_npz(tmp_path / "nan.npz", x=np.full_like(x, np.nan), y=y), "NaN or Inf"),
     }
     (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
@@ -280,7 +281,7 @@ def test_client_data_path_problems_name_the_file(tmp_path: Path) -> None:
     wide = _write_npz(tmp_path / "wide.npz", x=np.zeros((5, 65), np.float32), y=np.zeros(5, np.int64))
     with pytest.raises(ValueError) as err:
         _call({"partition-id": 0, "data-path": str(wide)})
-    assert "65 features" in str(err.value)
+    assert "(65,)" in str(err.value) and "(1, 8, 8)" in str(err.value)  # the file's example shape and the model's
 
 
 def test_client_data_path_file_trains_like_its_partition(tmp_path: Path) -> None:

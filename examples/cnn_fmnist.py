@@ -1,0 +1,104 @@
+"""A CNN on Fashion-MNIST images, Bayes-ADMM against FedAvg, from a Python script (fedbayes.run).
+
+Run from the repository root (the images come from the local cache: ``fedbayes data fetch fmnist`` once)::
+
+    python examples/cnn_fmnist.py                       # 10 clients, 10 rounds, 6,000 training images
+    python examples/cnn_fmnist.py --clients 3 --rounds 2 --examples 600 --test 500 --out /tmp/fmnist
+
+It writes one results folder per rule under ``--out`` (config.json, metrics.jsonl, posterior.safetensors,
+checkpoint/) and ``accuracy.png``: test accuracy per round of both rules (Bayes-ADMM: its posterior-averaged
+prediction).  The clients' data are a heterogeneous split (client sizes ~ Dir(1), class mix ~ Dir(0.5)).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import fedbayes
+from fedbayes.data import load_dataset, partition
+
+
+class Net(nn.Module):
+    """Flower quickstart's CNN for 1×28×28 images (convolutions padded so the sizes stay simple)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5, padding=2)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(16 * 7 * 7, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--examples", type=int, default=6000, help="training images shared by the clients")
+    ap.add_argument("--test", type=int, default=10000, help="test images")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bma-samples", type=int, default=16, help="posterior-average draws (0: none)")
+    ap.add_argument("--out", type=Path, default=Path("runs/example-cnn-fmnist"))
+    args = ap.parse_args(argv)
+
+    data = load_dataset("fmnist", train_fraction=min(1.0, args.examples / 60000), seed=args.seed)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)  # (N, 1, 28, 28) images, labels 0-9
+    parts = partition(data.y_train, args.clients, "dirichlet", seed=args.seed, size_alpha=1.0, class_alpha=0.5)
+    clients = [(x[idx], y[idx]) for idx in parts]
+    test = (torch.from_numpy(data.x_test[: args.test]), torch.from_numpy(data.y_test[: args.test]))
+
+    rules = {
+        # IVON at lr 0.1 diverged on this CNN (conv1 not finite); 0.05 with a clipped step did not (untuned)
+        "bayes-admm": (fedbayes.BayesADMM(rho_k=2.0, prior_prec=1.0),
+                       fedbayes.LocalSettings(lr=0.05, clip_radius=1e-3, epochs=args.epochs)),
+        "fedavg": (fedbayes.FedAvg(), fedbayes.LocalSettings(lr=1e-3, epochs=args.epochs)),
+    }
+    results = {}
+    for name, (rule, local) in rules.items():
+        torch.manual_seed(args.seed)
+        res = fedbayes.run(rule, Net(), clients, test=test, rounds=args.rounds, local=local, seed=args.seed,
+                           out=args.out / name, overwrite=True, bma_samples=args.bma_samples)
+        key = "bma_test_accuracy" if "bma_test_accuracy" in res.final else "test_accuracy"
+        print(f"{name:10s} round {res.final['round']}: test accuracy {res.final[key]:.4f}  NLL "
+              f"{res.final[key.replace('accuracy', 'nll')]:.4f}")
+        results[name] = res.metrics
+    _plot(results, args.out / "accuracy.png")
+    return results
+
+
+def _plot(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, rows in results.items():
+        key = "bma_test_accuracy" if "bma_test_accuracy" in rows[-1] else "test_accuracy"
+        ax.plot([r["round"] for r in rows], np.array([r[key] for r in rows]), marker="o", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("CNN on Fashion-MNIST")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
