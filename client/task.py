@@ -321,4 +321,5 @@ def handle_train(msg: Message, context: Context) -> Message:
         reply, metrics = garbage_reply(records, config, data.num_examples)
         return Message(content_of(reply, metrics={**metrics, "partition-id": spec.partition_id}), reply_to=msg)
     device = resolve_device(spec.device or exp.run.device)
-    return Message(train(msg, data.model, (data.x, data.y), device, partition_id=spec.partition_id), reply_to=msg)
+    return Message(train(msg, data.model, (data.x, data.y), device=device, partition_id=spec.partition_id),
+                   reply_to=msg)

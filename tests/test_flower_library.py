@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.data import DataLoader, TensorDataset
 
 import fedbayes.flower
-from fedbayes.config import resolve
+from fedbayes.config import ConfigError, resolve
 from fedbayes.engine import run_experiment
 from fedbayes.federation import Federation
 from fedbayes.flower import FedBayes
@@ -53,7 +53,7 @@ class UserGrid:
     def _train(self, msg: Message) -> Message:
         x, y = self.data[msg.metadata.dst_node_id]
         data: Any = DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True) if self.loaders else (x, y)
-        return Message(fedbayes.flower.train(msg, self.fed.model, data, "cpu"), reply_to=msg)
+        return Message(fedbayes.flower.train(msg, self.fed.model, data, device="cpu"), reply_to=msg)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         out = []
@@ -138,6 +138,8 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
         FedBayes("bayes-adm")
     with pytest.raises(ValueError, match="rho"):
         FedBayes("bayes-admm", config={"rho": -1})
+    with pytest.raises(ConfigError, match="preset"):
+        FedBayes("bayes-admm", preset="no-such-preset")
     with pytest.raises(ValueError, match="unknown local settings"):
         FedBayes("fedavg", local={"learning-rate": 0.1})
     with pytest.raises(ValueError, match="set by the rule or the engine"):
@@ -165,6 +167,24 @@ def test_client_helper_names_a_model_that_does_not_fit() -> None:
     msgs = list(strategy.configure_train(1, _initial(fed), ConfigRecord(), grid))  # type: ignore[arg-type]
     x, y = fed.client_data[0]
     with pytest.raises(ValueError, match=r"parameter names differ|shape"):
-        fedbayes.flower.train(msgs[0], torch.nn.Linear(3, 2), (x, y), "cpu")
+        fedbayes.flower.train(msgs[0], torch.nn.Linear(3, 2), (x, y), device="cpu")
+    sent, want = msgs[0].content["arrays"].to_torch_state_dict(), _initial(fed).to_torch_state_dict()
+    assert list(sent) == list(want) and all(torch.equal(sent[k], want[k]) for k in want)  # the global model
+    with pytest.raises(ValueError, match=r"epochs"):  # the ClientApp's own epochs, validated as the message's
+        fedbayes.flower.train(msgs[0], fed.model, (x, y), 0, device="cpu")
     with pytest.raises(ValueError, match=r"keys="):
-        fedbayes.flower.train(msgs[0], fed.model, [{"a": x, "b": y}], "cpu")
+        fedbayes.flower.train(msgs[0], fed.model, [{"a": x, "b": y}], device="cpu")
+
+
+def test_preset_gives_the_rules_tuned_settings_under_the_users() -> None:
+    """preset=: the preset's table for the rule, with config=/local= on top (rho replaces the preset's rho-k)."""
+    from fedbayes.presets import load_preset
+
+    table = load_preset("fmnist-10-het").algorithms["bayes-admm"]
+    s = FedBayes("bayes-admm", preset="fmnist-10-het", config={"rho": 0.5}, local={"lr": 0.01})
+    s.num_clients = 2
+    flat = s.experiment(3).to_flat()
+    assert flat["damping"] == table["damping"] and flat["hess-init"] == table["hess-init"]
+    assert flat["temperature"] == table["temperature"] and flat["prior-prec"] == table["prior-prec"]
+    assert flat["rho"] == 0.5 and flat["rho-k"] is None and flat["lr"] == 0.01
+    assert flat["epochs"] is None and flat["rounds"] == 3  # the preset's base is not used

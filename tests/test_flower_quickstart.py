@@ -43,7 +43,7 @@ def test_quickstart_conversion_is_small() -> None:
     for name in ("client_app.py", "server_app.py"):
         a, r = _changed_lines(name)
         added, removed = added + a, removed + r
-    assert added <= 10, added  # lines written or changed
+    assert added + removed <= 20, (added, removed)  # issue 24: at most 20 changed lines
     readme = (EXAMPLE / "README.md").read_text()
     assert f"{added + removed} changed lines ({added} added, {removed} removed)" in readme
 

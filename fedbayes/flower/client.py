@@ -6,8 +6,10 @@ A ClientApp of any Flower app turns a fedbayes train message into its reply with
     def train(msg: Message, context: Context) -> Message:
         net = Net()
         trainloader, _ = load_data(context.node_config["partition-id"], ...)
-        content = fedbayes.flower.train(msg, net, trainloader, device)
+        content = fedbayes.flower.train(msg, net, trainloader, epochs, lr, device)
         return Message(content=content, reply_to=msg)
+
+(``epochs`` and ``lr`` may be None: the message's, which the ServerApp sets.)
 
 The message (sent by :class:`fedbayes.flower.FedBayes`) carries the prior (``prior.eta``, ``prior.prec``), an
 optional start point and the local settings of this client and round (:mod:`fedbayes.flower.records`); the
@@ -35,7 +37,7 @@ import torch
 from flwr.app import Message, RecordDict
 from torch import Tensor, nn
 
-from fedbayes.flower.records import CONFIG_RECORD, content_of, records_of
+from fedbayes.flower.records import ARRAYS_RECORD, CONFIG_RECORD, content_of, records_of
 
 __all__ = ["BATCH_KEYS", "as_tensors", "train"]
 
@@ -108,12 +110,17 @@ def train(
     msg: Message,
     net: nn.Module,
     data: Data,
+    epochs: int | None = None,
+    lr: float | None = None,
     device: str | torch.device | None = None,
     *,
     partition_id: int | None = None,
     keys: Sequence[str] | None = None,
 ) -> RecordDict:
     """Train ``net`` on ``data`` under the prior ``msg`` carries, with the local settings it carries; the reply.
+
+    The call has the shape of Flower's quickstart ``train(net, trainloader, epochs, lr, device)`` with the
+    message first, so a ClientApp written for FedAvg keeps its arguments.
 
     Parameters
     ----------
@@ -124,6 +131,11 @@ def train(
         its weights are overwritten: with the message's start point, then by training).
     data
         ``(x, y)`` tensors, or a DataLoader / iterable of ``(x, y)`` or mapping batches (module docstring).
+    epochs, lr
+        The ClientApp's own local epochs and (IVON/Adam/SGD) learning rate, as Flower's quickstart reads them from
+        its run config and message; None: the message's (the ServerApp's ``local=`` or ``train_config``).  A
+        value given here replaces the message's for this client only (the ServerApp's ``config.json`` records
+        its own).
     device
         Where to train (``"cpu"``, ``"cuda"``, ``torch.device``); None: CUDA if available, else CPU.
     partition_id
@@ -143,7 +155,7 @@ def train(
     ------
     ValueError
         A message without fedbayes' config or prior, a model whose parameters differ from the message's (naming
-        them), bad local settings, unusable data.
+        them), bad local settings (``epochs`` < 1, ``lr`` <= 0, …), unusable data.
     """
     from fedbayes.protocol import execute
 
@@ -151,8 +163,13 @@ def train(
         raise ValueError(f"message lacks the '{CONFIG_RECORD}' ConfigRecord (has {sorted(msg.content)}): "
                          "is it a fedbayes.flower.FedBayes train message?")
     config = dict(msg.content.config_records[CONFIG_RECORD])
+    if epochs is not None:
+        config["epochs"] = epochs
+    if lr is not None:
+        config["lr"] = lr
     x, y = as_tensors(data, keys)
-    reply, metrics = execute(net, records_of(msg.content), config, x, y, device=_device(device))
+    records = {k: v for k, v in records_of(msg.content).items() if k != ARRAYS_RECORD}
+    reply, metrics = execute(net, records, config, x, y, device=_device(device))
     pid = partition_id if partition_id is not None else config.get("partition-id")
     out: dict[str, Any] = dict(metrics)
     if pid is not None:

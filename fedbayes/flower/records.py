@@ -6,6 +6,8 @@ A message's content is a Flower ``RecordDict``:
 
 * one ``ArrayRecord`` per record of the wire format of :mod:`fedbayes.protocol` (``prior.eta``, ``prior.prec``,
   ``start.mean``, ``start.prec`` down; ``site.eta``/``site.prec`` or ``mean`` up), keyed by parameter name;
+* down, also :data:`ARRAYS_RECORD` (``arrays``): the global model, as Flower's strategies send it, for a
+  ClientApp that loads it into its model (fedbayes' client ignores it: the start point is ``start.mean``);
 * the ``config`` ``ConfigRecord`` (down): the local settings of the client (``LocalSettings.to_wire``), ``reply``,
   ``round``, ``partition-id`` (and whatever the ServerApp added with ``train_config``).  This project's own app
   adds :data:`EXPERIMENT_KEY`, the run's resolved configuration as the JSON of its ``config.json``: its ServerApp
@@ -24,8 +26,11 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-__all__ = ["CONFIG_RECORD", "EXPERIMENT_KEY", "METRIC_RECORD", "Records", "arrays_of", "content_of", "records_of"]
+__all__ = ["ARRAYS_RECORD", "CONFIG_RECORD", "EXPERIMENT_KEY", "METRIC_RECORD", "Records", "arrays_of", "content_of",
+           "records_of"]
 
+ARRAYS_RECORD = "arrays"
+"""The global model in a train message, as Flower's strategies send it (for the ClientApp; fedbayes ignores it)."""
 CONFIG_RECORD = "config"
 METRIC_RECORD = "metrics"
 EXPERIMENT_KEY = "experiment"

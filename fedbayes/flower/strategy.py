@@ -21,7 +21,11 @@ its messages through Flower:
 1. ``configure_train``: for every participant k of the round (``fraction_train`` of the clients, seeded by
    (seed, round)), ``Round.job(k)`` (the rule's prior for k, encoded, and k's ConfigRecord: the local settings,
    the round's seed, ``reply`` = site or mean) becomes one Message to k's node (ArrayRecords ``prior.eta``,
-   ``prior.prec``, optional ``start.mean``/``start.prec``; the ``config`` ConfigRecord).  ``train_config``
+   ``prior.prec``, optional ``start.mean``/``start.prec``; the ``config`` ConfigRecord; and ``arrays``, the
+   global model, as Flower's strategies send it: a ClientApp written for FedAvg that loads
+   ``msg.content["arrays"]`` into its model before training keeps working, and Flower's mods that read it do
+   too; fedbayes' client ignores it, so it costs one copy of the parameters down and changes nothing else,
+   ``bytes_down`` counts the wire format only).  ``train_config``
    entries that are local settings (``lr``, ``epochs``, ``batch-size``, ``mode``, …: Flower apps pass the
    learning rate there) set the local settings as ``local=`` does; the others travel in every train message.
 2. ``aggregate_train``: the replies within ``timeout`` go to ``Round.receive`` (validated before they touch state;
@@ -66,7 +70,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedbayes.flower.records import CONFIG_RECORD, METRIC_RECORD, arrays_of, content_of, records_of
+from fedbayes.flower.records import ARRAYS_RECORD, CONFIG_RECORD, METRIC_RECORD, arrays_of, content_of, records_of
 
 if TYPE_CHECKING:
     from fedbayes.algorithms import Algorithm, AlgorithmConfig
@@ -165,6 +169,32 @@ def _local_keys(local: LocalSettings | Mapping[str, Any] | None) -> dict[str, An
     return {kebab(k): v for k, v in given.items()}
 
 
+def _preset_settings(preset: str, rule: Any, config: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rule's table of ``preset`` (its tuned settings) split into rule hyperparameters, under ``config``, and
+    local settings (beneath ``local=`` and ``train_config``); the preset's base (dataset, rounds, …) is not used."""
+    from fedbayes.keys import kebab
+    from fedbayes.local import USER_KEYS
+    from fedbayes.presets import load_preset
+
+    if isinstance(rule, str):
+        from fedbayes.algorithms import get_algorithm
+
+        cls = get_algorithm(rule)
+    elif isinstance(rule, type):
+        cls = rule
+    else:
+        raise ValueError("preset= needs the rule as a name or a class (a config object carries its own settings)")
+    table = dict(load_preset(preset).algorithms.get(cls.name, {}))
+    user = {k.replace("_", "-"): v for k, v in dict(config or {}).items()}
+    for keys in cls.Config.alternative_keys:  # the user's rho replaces the preset's rho-k, as in presets
+        if any(k in user for k in keys):
+            for k in keys:
+                table.pop(k, None)
+    local_keys = {kebab(k) for k in USER_KEYS}
+    rule_cfg = {k: v for k, v in table.items() if k not in local_keys}
+    return {**rule_cfg, **user}, {k: v for k, v in table.items() if k in local_keys}
+
+
 class FedBayes(Strategy):
     """A Flower strategy whose every decision is a fedbayes server rule's (module docstring).
 
@@ -198,6 +228,11 @@ class FedBayes(Strategy):
         Replace a run already in ``out`` (otherwise refused, with nothing touched).
     node_wait_s
         How long :meth:`start` waits for the nodes.
+    preset
+        Take the rule's tuned settings from this preset's table for the rule (``"fmnist-10-het"``: tuned on
+        Fashion-MNIST; ``fedbayes presets`` lists them): its hyperparameters under ``config`` and its local
+        settings beneath ``local`` and ``train_config``; the preset's base (dataset, rounds, epochs) is not used.
+        None: the rule's code defaults.
     """
 
     def __init__(
@@ -216,6 +251,7 @@ class FedBayes(Strategy):
         resume: bool = False,
         overwrite: bool = False,
         node_wait_s: float = 60.0,
+        preset: str | None = None,
     ) -> None:
         from fedbayes.algorithms import Algorithm
 
@@ -230,7 +266,12 @@ class FedBayes(Strategy):
             if config:
                 raise ValueError("a built rule carries its hyperparameters: config= is not used with it")
             self._rule_cls, self._rule_cfg = type(self._built), self._built.config
-        else:
+            if preset is not None:
+                raise ValueError("a built rule carries its hyperparameters: preset= is not used with it")
+        self._preset_local: dict[str, Any] = {}
+        if self._built is None:
+            if preset is not None:
+                config, self._preset_local = _preset_settings(preset, rule, config)
             self._rule_cls, self._rule_cfg = rule_class(rule, config)
         self._local = _local_keys(local)
         self._run_keys: dict[str, Any] = {"clients-per-round": fraction_train, "seed": seed,
@@ -336,7 +377,8 @@ class FedBayes(Strategy):
 
         assert self.num_clients is not None
         flat = {"algorithm": self._rule_cls.name, "num-clients": self.num_clients, "rounds": num_rounds,
-                **self._run_keys, **self._local, **self._rule_cfg.model_dump(by_alias=True, mode="json")}
+                **self._run_keys, **self._preset_local, **self._local,
+                **self._rule_cfg.model_dump(by_alias=True, mode="json")}
         return resolve(flat)
 
     def _build(self, initial_arrays: ArrayRecord, num_rounds: int) -> ArrayRecord:
@@ -472,7 +514,8 @@ class FedBayes(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One message per chosen client, to its node, with the client's own prior."""
+        """One message per chosen client, to its node, with the client's own prior (and ``arrays``, the global
+        model, as Flower's strategies send it)."""
         from fedbayes.rounds import Round
 
         server_round = self.absolute(server_round)
@@ -487,6 +530,7 @@ class FedBayes(Strategy):
             if job is None or node is None:
                 continue
             content = content_of(job.records, config={**extra, **job.config})
+            content[ARRAYS_RECORD] = arrays  # the global model, as Flower's strategies send it (the client ignores it)
             msg = Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
             flight.messages.append(msg)
             flight.sent[node] = c

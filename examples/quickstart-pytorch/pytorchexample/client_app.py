@@ -2,7 +2,7 @@
 
 import fedbayes.flower
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pytorchexample.task import Net, load_data
@@ -18,6 +18,7 @@ def train(msg: Message, context: Context):
 
     # Load the model and initialize it with the received weights
     model = Net()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     model.to(device)
 
@@ -32,6 +33,8 @@ def train(msg: Message, context: Context):
         msg,
         model,
         trainloader,
+        context.run_config["local-epochs"],
+        msg.content["config"]["lr"],
         device,
     )
 

@@ -24,9 +24,8 @@ def main(grid: Grid, context: Context) -> None:
     global_model = Net()
     arrays = ArrayRecord(global_model.state_dict())
 
-    # Initialize the Bayes-ADMM strategy (IVON clients; lr from train_config, epochs and batch size here)
-    local = {"epochs": context.run_config["local-epochs"], "batch-size": context.run_config["batch-size"]}
-    strategy = FedBayes("bayes-admm", local=local, fraction_evaluate=fraction_evaluate)
+    # Initialize Bayes-ADMM strategy
+    strategy = FedBayes("bayes-admm", preset="fmnist-10-het", fraction_evaluate=fraction_evaluate)
 
     # Start strategy, run Bayes-ADMM for `num_rounds`
     result = strategy.start(
