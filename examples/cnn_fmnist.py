@@ -60,10 +60,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     clients = [(x[idx], y[idx]) for idx in parts]
     test = (torch.from_numpy(data.x_test[: args.test]), torch.from_numpy(data.y_test[: args.test]))
 
+    # fmnist-10-het's tuned settings (fedbayes/presets/fmnist-10-het.toml; tuned on the validation split for the
+    # paper's MLP): the code's bare defaults for Bayes-ADMM (dual damping 1, lr 0.02) learn poorly on this CNN, and
+    # IVON at lr 0.1 diverges; with these it reaches FedAvg's level (examples/quickstart-pytorch/README.md).
+    ivon = fedbayes.LocalSettings(lr=3.65e-4, batch_size=32, hess_init=1e-3, beta2=0.9998, temperature=0.00199,
+                                  epochs=args.epochs)
     rules = {
-        # IVON at lr 0.1 diverged on this CNN (conv1 not finite); 0.05 with a clipped step did not (untuned)
-        "bayes-admm": (fedbayes.BayesADMM(rho_k=2.0, prior_prec=1.0),
-                       fedbayes.LocalSettings(lr=0.05, clip_radius=1e-3, epochs=args.epochs)),
+        "bayes-admm": (fedbayes.BayesADMM(rho_k=7.36, prior_prec=0.152, damping=0.0279), ivon),
         "fedavg": (fedbayes.FedAvg(), fedbayes.LocalSettings(lr=1e-3, epochs=args.epochs)),
     }
     results = {}

@@ -108,7 +108,7 @@ def test_ivon_is_a_torch_style_optimiser_on_a_toy_regression() -> None:
             return loss
 
         loss = opt.step(closure)
-        assert loss is not None and math.isfinite(float(loss))
+        assert loss is not None and math.isfinite(float(loss.detach()))
     xa = torch.cat([x, torch.ones_like(x)], 1)
     w = torch.linalg.lstsq(xa, y).solution.reshape(-1)
     assert abs(float(model.weight) - float(w[0])) < 0.02 and abs(float(model.bias) - float(w[1])) < 0.02
