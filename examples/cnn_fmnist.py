@@ -3,7 +3,11 @@
 Run from the repository root (the images come from the local cache: ``fedbayes data fetch fmnist`` once)::
 
     python examples/cnn_fmnist.py                       # 10 clients, 10 rounds, 6,000 training images
-    python examples/cnn_fmnist.py --clients 3 --rounds 2 --examples 600 --test 500 --out /tmp/fmnist
+    python examples/cnn_fmnist.py --clients 3 --rounds 2 --examples 600 --test 500 --out /tmp/fmnist   # runs, no more
+
+The small size only shows that it runs: with 600 images per client, 1 epoch and 3 rounds (``--clients 3 --rounds 3
+--examples 1800 --epochs 1``) FedAvg reached 0.56 and Bayes-ADMM's mean 0.45 with an NLL of 355 (measured
+2026-12-07); the cause is not probed yet (the settings are fmnist-10-het's, tuned for the MLP on 10× more data).
 
 It writes one results folder per rule under ``--out`` (config.json, metrics.jsonl, posterior.safetensors,
 checkpoint/) and ``accuracy.png``: test accuracy per round of both rules (Bayes-ADMM: its posterior-averaged
