@@ -7,13 +7,15 @@
 3. sequential vs batched clients (:mod:`fedbayes.batched`) on the papers' workload, fmnist-100-het (100 clients,
    10 epochs, batch 64): clients per second of each over ``--compare-rounds`` rounds, and the wall time and
    test accuracy of the papers' whole run (``--paper-rounds``, 50) with batched clients (``--paper-rounds 0``
-   skips it).
+   skips it);
+4. the same comparison with the built-in ``cnn`` (``--cnn-rounds``, default 1; 0 skips it): clients per second of
+   sequential and batched clients and the wall time of one bayes-admm round each, what users of image models run.
 
 It prints the GPU, the wall time of each, and the test accuracy per round, and exits with status 2 and a clear
 message when torch sees no CUDA GPU (status 1 when a run fails).
 
     python -m simulations.gpu_check [--out runs/gpu-check] [--clients 4] [--rounds 2] [--gpu-fraction 0.25]
-                                    [--compare-rounds 2] [--paper-rounds 50]
+                                    [--compare-rounds 2] [--paper-rounds 50] [--cnn-rounds 1]
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def engines(out: Path, *, device: str = "cuda", compare_rounds: int = 2, paper_r
 
 
 def gpu_check(out: Path, *, clients: int = 4, rounds: int = 2, gpu_fraction: float = 0.25,
-              dataset: str = "digits", compare_rounds: int = 2, paper_rounds: int = 50) -> dict[str, Any]:
+              dataset: str = "digits", compare_rounds: int = 2, paper_rounds: int = 50,
+              cnn_rounds: int = 1) -> dict[str, Any]:
     """Run the two checks and return a summary (also written to ``out/gpu-check.json``).
 
     Raises
@@ -127,6 +130,10 @@ def gpu_check(out: Path, *, clients: int = 4, rounds: int = 2, gpu_fraction: flo
     if compare_rounds > 0:
         summary["engines"] = engines(out, compare_rounds=compare_rounds, paper_rounds=paper_rounds)
         (out / "gpu-check.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if cnn_rounds > 0:
+        print("[gpu-check] the same with the built-in cnn (Fashion-MNIST as 1x28x28 images):", flush=True)
+        summary["cnn"] = engines(out / "cnn", compare_rounds=cnn_rounds, paper_rounds=0, sets={"model": "cnn"})
+        (out / "gpu-check.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -140,10 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-rounds", type=int, default=2,
                    help="rounds of fmnist-100-het per engine, sequential vs batched (0: skip)")
     p.add_argument("--paper-rounds", type=int, default=50, help="the papers' run with batched clients (0: skip)")
+    p.add_argument("--cnn-rounds", type=int, default=1,
+                   help="rounds of fmnist-100-het with the cnn per engine, sequential vs batched (0: skip)")
     args = p.parse_args(argv)
     try:
         s = gpu_check(args.out, clients=args.clients, rounds=args.rounds, gpu_fraction=args.gpu_fraction,
-                      dataset=args.dataset, compare_rounds=args.compare_rounds, paper_rounds=args.paper_rounds)
+                      dataset=args.dataset, compare_rounds=args.compare_rounds, paper_rounds=args.paper_rounds,
+                      cnn_rounds=args.cnn_rounds)
     except RuntimeError as e:
         print(f"[gpu-check] FAILED: {e}", file=sys.stderr)
         return 2 if "needs a CUDA GPU" in str(e) else 1
