@@ -4,12 +4,6 @@ choices on the test set, both objectives' tables; resume after a kill; refusal o
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +11,7 @@ import pytest
 
 from fedbayes.cli import main
 from fedbayes.config import load_config_file
+from tests.test_tune import _states, kill_during_second_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,18 +54,6 @@ def _study(db: Path) -> Any:
 
     summaries = optuna.get_all_study_summaries(f"sqlite:///{db}")
     return optuna.load_study(study_name=summaries[0].study_name, storage=f"sqlite:///{db}")
-
-
-def _states(db: Path) -> dict[int, str]:
-    if not db.exists():
-        return {}
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return dict(con.execute("SELECT number, state FROM trials").fetchall())
-    except sqlite3.OperationalError:  # tables not created yet
-        return {}
-    finally:
-        con.close()
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -170,39 +153,14 @@ def test_compare_tune_end_to_end_on_digits(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ resume after a kill
-# The subprocess's first trial runs normally, every later run hangs: it is killed while trial 1 is RUNNING.
-_SLOW = """
-import sys, time
-import fedbayes.engine as engine
-orig, calls = engine.run_experiment, []
-def slow(*a, **k):
-    calls.append(1)
-    if len(calls) > 1:
-        time.sleep(600)
-    return orig(*a, **k)
-engine.run_experiment = slow
-from fedbayes.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+# kill_during_second_trial: the first trial runs normally, later ones hang; killed while trial 1 is RUNNING.
 
 
 def test_compare_tune_resumes_after_a_kill(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     db = out / "tune" / "fedavg" / "study.db"
     argv = _argv(_preset(tmp_path), out, 2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW, *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while _states(db).get(1) != "RUNNING":  # trial 0 complete, trial 1 started (it hangs)
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the first trial did not complete in time"
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert _states(db) == {0: "COMPLETE", 1: "RUNNING"}
+    kill_during_second_trial(argv, db)
     first = _study(db).trials[0]
     assert not (out / "protocol.json").exists()
 

@@ -157,12 +157,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_tune_study_resumes_after_sigkill_and_refuses_other_studies(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "study"
-    db = out / "study.db"
-    argv = ["tune", *TUNE, "--algorithm", "fedprox", "--trials", "3", "--out", str(out)]
+def kill_during_second_trial(argv: list[str], db: Path) -> None:
+    """Run ``fedbayes ARGV`` in a subprocess whose first run completes and whose later runs hang; SIGKILL it once
+    the study's trial 1 is RUNNING (trial 0 COMPLETE), as a crash mid-study would leave it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", _SLOW, *argv], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -176,6 +173,15 @@ def test_tune_study_resumes_after_sigkill_and_refuses_other_studies(
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     assert _states(db) == {0: "COMPLETE", 1: "RUNNING"}
+
+
+def test_tune_study_resumes_after_sigkill_and_refuses_other_studies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "study"
+    db = out / "study.db"
+    argv = ["tune", *TUNE, "--algorithm", "fedprox", "--trials", "3", "--out", str(out)]
+    kill_during_second_trial(argv, db)
     first = _trial(db, 0)
 
     assert main([*argv, "--jobs", "2"]) == 0  # the same command continues the study (2 processes, 1 trial each)
