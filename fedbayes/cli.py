@@ -174,8 +174,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from simulations.tune.protocol import cmd_compare_tune
 
         return cmd_compare_tune(args)
-    if args.objective or args.pruner:
-        raise ConfigError("--objective and --pruner choose how --tune N tunes; add --tune N (trials per rule)")
+    if args.objective or args.pruner or args.tune_rounds is not None:
+        raise ConfigError("--objective, --pruner and --tune-rounds choose how --tune N tunes; add --tune N (trials "
+                          "per rule)")
     preset = load_preset(args.preset)
     algos = args.algorithms.split(",") if args.algorithms else list(preset.algorithms)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [int(preset.base.get("seed", 0))]
@@ -397,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "accuracy or nll")
     c.add_argument("--pruner", choices=["hyperband", "halving", "median", "none"],
                    help="with --tune: how trials stop early over rounds (default hyperband)")
+    c.add_argument("--tune-rounds", type=int, metavar="R",
+                   help="with --tune: rounds of each trial (default: the final runs' rounds); fewer rounds afford "
+                        "more trials, at the cost of choosing for R rounds (docs/tuning.md)")
     c.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     c.set_defaults(fn=cmd_compare)
 

@@ -206,3 +206,24 @@ def test_compare_tune_refuses_a_folder_made_with_other_settings(
     assert not (tmp_path / "x").exists()
     assert main([*_argv(preset, tmp_path / "y", 0)]) == 2
     assert "--tune N must be >= 1" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_tune_rounds_sets_the_trials_rounds_not_the_final_runs(tmp_path: Path) -> None:
+    """``--tune-rounds 1``: every trial runs 1 round (the study records it), the final runs the preset's 2."""
+    out = tmp_path / "cmp"
+    assert main([*_argv(_preset(tmp_path), out, 2), "--tune-rounds", "1"]) == 0
+    proto = json.loads((out / "protocol.json").read_text())
+    assert proto["budget"]["rounds-per-trial"] == 1 and proto["budget"]["final-rounds"] == 2
+    study = _study(out / "tune" / "fedavg" / "study.db")
+    assert study.user_attrs["rounds"] == 1
+    assert all(t.last_step == 1 for t in study.trials if t.state.name == "COMPLETE")
+    [run] = proto["final-runs"]["accuracy"]["fedavg"]
+    assert load_config_file(Path(run) / "config.json")["rounds"] == 2
+    assert "final runs of 2 rounds" in (out / "table.md").read_text()
+    assert main([*_argv(_preset(tmp_path), out, 2), "--tune-rounds", "2"]) == 2  # the study was made with 1
+
+
+def test_tune_rounds_needs_tune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--preset", str(_preset(tmp_path)), "--tune-rounds", "3", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "--tune-rounds" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -27,7 +27,8 @@ class PVI(SiteRule):
     name: ClassVar[str] = "pvi"
     summary: ClassVar[str] = "partitioned VI with IVON sites, damped (Ashman et al. 2022)"
     search_space: ClassVar[dict[str, Dim]] = {
-        "lr": LogUniform(1e-5, 1e-3), "temperature": LogUniform(1e-4, 1e-2), "prior-prec": LogUniform(0.1, 10.0),
+        # lr reaches 3e-3: a 30-trial study on fmnist-10-het (2026-12-02) chose lr at the old upper edge, 1e-3
+        "lr": LogUniform(1e-5, 3e-3), "temperature": LogUniform(1e-4, 1e-2), "prior-prec": LogUniform(0.1, 10.0),
         "rho": LogUniform(0.05, 1.0),
     }
     local_defaults: ClassVar[dict[str, Any]] = {"mode": "ivon"}

@@ -98,6 +98,7 @@ def make_protocol(
     out: str | Path,
     *,
     rounds: int | None = None,
+    tune_rounds: int | None = None,
     sets: dict[str, Any] | None = None,
     jobs: int = 1,
     objective: str = "both",
@@ -120,6 +121,8 @@ def make_protocol(
         raise ConfigError(f"unknown --objective '{objective}'; valid: {list(OBJECTIVE_CHOICES)}")
     if trials < 1:
         raise ConfigError(f"--tune N must be >= 1 (finished trials per rule), got {trials}")
+    if tune_rounds is not None and tune_rounds < 1:
+        raise ConfigError(f"--tune-rounds must be >= 1, got {tune_rounds}")
     if not algorithms:
         raise ConfigError("--tune needs at least one algorithm (--algorithms A,B or a preset that lists some)")
     twice = sorted({a for a in algorithms if algorithms.count(a) > 1})
@@ -132,7 +135,7 @@ def make_protocol(
     folder = Path(out)
     specs = {}
     for algo in algorithms:
-        specs[algo] = make_spec(preset, algo, trials, rounds=rounds, jobs=jobs, seed=seed,
+        specs[algo] = make_spec(preset, algo, trials, rounds=tune_rounds or rounds, jobs=jobs, seed=seed,
                                 out=folder / "tune" / algo, sets=sets, objective=study_objective, quiet=quiet,
                                 pruner=pruner)
     final_sets = {**(sets or {}), "eval-split": "test"}
@@ -296,6 +299,8 @@ def _header(p: Protocol) -> dict[str, Any]:
     return {
         "command": p.command, "status": "tuned", "preset": p.preset, "algorithms": p.algorithms, "seeds": p.seeds,
         "budget": {"trials-per-rule": p.trials, "rounds-per-trial": any_spec.rounds,
+                   "final-rounds": int(p.final_sets.get("rounds") or resolve(
+                       {**load_preset(p.preset).base, "algorithm": p.algorithms[0]}).run.rounds),
                    "validation-fraction": any_spec.base["validation-fraction"], "last-rounds": LAST_ROUNDS,
                    "jobs": p.jobs},
         "objectives": p.objectives, "study-objective": p.study_objective, "predictor": any_spec.predictor,
@@ -315,7 +320,8 @@ def _combined_table(p: Protocol, record: dict[str, Any], chosen: dict[str, dict[
     names = {"accuracy": "tuned for validation accuracy", "nll": "tuned for validation NLL"}
     lines = [f"# {p.preset}: every rule tuned with {p.trials} trials on the validation split, then tested", "",
              f"Budget: {p.trials} trials per rule × {record['budget']['rounds-per-trial']} rounds, pruner "
-             f"{p.pruner}; final runs on the test set, seeds {','.join(map(str, p.seeds))}. "
+             f"{p.pruner}; final runs of {record['budget']['final-rounds']} rounds on the test set, seeds "
+             f"{','.join(map(str, p.seeds))}. "
              f"{record['pruning-rule']} {record['selection-rule']}", ""]
     for i, o in enumerate(p.objectives):
         body = Path(record["tables"][o]["md"]).read_text().splitlines()
@@ -352,7 +358,8 @@ def cmd_compare_tune(args: Any) -> int:
     algos = args.algorithms.split(",") if args.algorithms else list(preset.algorithms)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [int(preset.base.get("seed", 0))]
     out = Path(args.out or f"runs/compare-tune-{preset.name}")
-    proto = make_protocol(args.preset, algos, args.tune, seeds, out, rounds=args.rounds, sets=parse_sets(args.set),
+    proto = make_protocol(args.preset, algos, args.tune, seeds, out, rounds=args.rounds,
+                          tune_rounds=getattr(args, "tune_rounds", None), sets=parse_sets(args.set),
                           jobs=args.jobs, objective=args.objective or "both", pruner=args.pruner or DEFAULT_PRUNER,
                           centralized=not args.no_centralized, force=args.force, quiet=args.quiet,
                           command=["fedbayes", *getattr(args, "argv", [])])
