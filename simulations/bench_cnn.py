@@ -7,6 +7,9 @@
   ``--examples`` Fashion-MNIST images / one local epoch on them (:func:`fedbayes.local.train_local`, Adam, batch
   64), interleaved; and the generic per-example-Jacobian path on a tenth of the examples, scaled ×10 (what it
   cost before the fast path; issue 24 §5: target ≤ 2 epochs).
+* ``predictive`` — the linearised predictive's moments f(x; m), J Σ Jᵀ (the default posterior-averaged prediction,
+  :func:`fedbayes.predictive.linearized_moments`) on ``--examples`` test images by the per-layer Conv2d path /
+  one local epoch on as many training images, and the generic ``vmap(jacrev)`` path on a tenth of them, scaled ×10.
 * ``round`` — seconds of one fmnist-10-het round with ``model = cnn`` (bayes-admm: IVON clients), the sequential and
   the batched client engine, alternated ``--round-reps`` times.
 
@@ -27,7 +30,7 @@ import torch
 
 from fedbayes.models import build_model
 
-__all__ = ["bench_ggn", "bench_round", "bench_step", "main"]
+__all__ = ["bench_ggn", "bench_predictive", "bench_round", "bench_step", "main"]
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], blocks: int, reps: int = 1) -> dict[str, list[float]]:
@@ -108,6 +111,36 @@ def bench_ggn(examples: int = 1000, blocks: int = 3) -> dict[str, Any]:
     return res
 
 
+def bench_predictive(examples: int = 1000, blocks: int = 3) -> dict[str, Any]:
+    from fedbayes.data import load_dataset
+    from fedbayes.gaussian import DiagGaussian
+    from fedbayes.local import LocalSettings, train_local
+    from fedbayes.predictive import _moments_jacobian, linearized_moments
+
+    d = load_dataset("fmnist")
+    x, y = torch.from_numpy(d.x_train[:examples]), torch.from_numpy(d.y_train[:examples])
+    xt = torch.from_numpy(d.x_test[:examples])
+    model = build_model("cnn", 784, 10, seed=0, input_shape=tuple(d.input_shape))
+    prior = DiagGaussian.isotropic(dict(model.named_parameters()), 1.0)
+    settings = LocalSettings.model_validate({"mode": "adam", "lr": 1e-3, "epochs": 1, "batch_size": 64, "seed": 0})
+    mean = {k: v.detach().clone() for k, v in model.named_parameters()}
+    var = {k: torch.full_like(v, 1e-3, dtype=torch.float64) for k, v in mean.items()}
+
+    def epoch() -> None:
+        train_local(model, prior, x, y, settings)
+
+    def layers() -> None:
+        linearized_moments(model, mean, var, xt)
+
+    t = _interleaved({"layers": layers, "epoch": epoch}, blocks)
+    tenth = xt[: max(1, examples // 10)]
+    t0 = time.perf_counter()
+    _moments_jacobian(model, mean, var, tenth)
+    generic = (time.perf_counter() - t0) * examples / len(tenth)
+    return {"examples": examples, "blocks": blocks, **_ratio(t, "layers", "epoch"), "generic_s_scaled": generic,
+            "generic_over_layers": generic / statistics.median(t["layers"])}
+
+
 def bench_round(reps: int = 1, algorithm: str = "bayes-admm") -> dict[str, Any]:
     from fedbayes.config import resolve
     from fedbayes.engine import run_rounds
@@ -132,16 +165,18 @@ def bench_round(reps: int = 1, algorithm: str = "bayes-admm") -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedbayes bench cnn", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/bench/cnn", help="folder for bench-cnn.json (default: %(default)s)")
-    p.add_argument("--what", default="step,ggn,round", help="comma-separated: step, ggn, round (default: all)")
-    p.add_argument("--examples", type=int, default=1000, help="images for the GGN and the epoch (default 1000)")
+    p.add_argument("--what", default="step,ggn,predictive,round",
+                   help="comma-separated: step, ggn, predictive, round (default: all)")
+    p.add_argument("--examples", type=int, default=1000,
+                   help="images for the GGN, the predictive and the epoch (default 1000)")
     p.add_argument("--blocks", type=int, default=5, help="interleaved blocks of step and ggn (default 5)")
     p.add_argument("--round-reps", type=int, default=1, help="rounds per engine, alternated (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     a = p.parse_args(argv)
     parts = [w.strip() for w in a.what.split(",") if w.strip()]
-    bad = sorted(set(parts) - {"step", "ggn", "round"})
+    bad = sorted(set(parts) - {"step", "ggn", "predictive", "round"})
     if bad:
-        p.error(f"--what: unknown part(s) {bad}; choose from step, ggn, round")
+        p.error(f"--what: unknown part(s) {bad}; choose from step, ggn, predictive, round")
     torch.set_num_threads(a.threads)
     res: dict[str, Any] = {"bench": "cnn", "torch": torch.__version__, "threads": torch.get_num_threads()}
     if "step" in parts:
@@ -151,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         res["ggn"] = bench_ggn(a.examples, blocks=a.blocks)
         g = res["ggn"]
         print(f"[bench cnn] GGN/epoch: {g['ratio_median']:.3f} (generic {g['generic_over_epoch']:.1f})", flush=True)
+    if "predictive" in parts:
+        res["predictive"] = bench_predictive(a.examples, blocks=a.blocks)
+        q = res["predictive"]
+        print(f"[bench cnn] linearised predictive/epoch: {q['ratio_median']:.3f} (generic path "
+              f"{q['generic_over_layers']:.0f}x slower)", flush=True)
     if "round" in parts:
         res["round"] = bench_round(a.round_reps)
         print(f"[bench cnn] round s: sequential {res['round']['sequential_s_median']:.1f}, batched "

@@ -190,3 +190,19 @@ def test_evaluate_gives_a_run_without_one_a_validation_set_from_unused_examples(
     run_experiment(full, tmp_path / "b", progress=False)
     with pytest.raises(ConfigError, match="a hold-out would take examples the run trained on"):
         evaluate_run(tmp_path / "b", split="validation", validation_fraction=0.3)
+
+
+def test_conv_layers_take_the_exact_per_layer_path() -> None:
+    """A network of Conv2d (padding, stride, with and without bias) and Linear layers: the per-layer path's J Σ Jᵀ
+    equals per-example Jacobians, and no vmap(jacrev) runs."""
+    from unittest import mock
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2, bias=False),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 5)).double()
+    mean, var = _posterior(model, seed=5)
+    x = torch.randn(6, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with mock.patch("fedbayes.predictive._moments_jacobian", side_effect=AssertionError("generic path used")):
+        mu, cov = linearized_moments(model, mean, var, x, chunk=8)  # chunks of 2 with convolutions
+    torch.testing.assert_close(mu, functional_call(model, mean, (x,)))
+    torch.testing.assert_close(cov, _brute_force(model, mean, var, x))
