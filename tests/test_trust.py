@@ -131,8 +131,11 @@ def test_ctrl_c_says_how_to_continue_and_resume_finishes(tmp_path: Path) -> None
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "FEDBAYES_DRAW_AHEAD": "1"}
     argv = ["run", "--algorithm", "bayes-admm", "--dataset", "digits", "--clients", "2", "--rounds", "6",
             "--preset", "none", "--set", "hidden=8", "--set", "epochs=1", "--set", "bma-samples=0", "--quiet"]
+    # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler (the run would finish, rc 0)
     p = subprocess.Popen([sys.executable, "-m", "fedbayes", *argv, "--out", str(out)], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.monotonic()
     while not (out / "checkpoint" / "meta.json").exists() and p.poll() is None and time.monotonic() - t0 < 60:
         time.sleep(0.02)
