@@ -88,6 +88,11 @@ class RunKeys(BaseModel):
     clients_per_round: float = Field(1.0, gt=0.0)
     """A fraction in (0, 1] of the K clients, or a whole number of clients > 1."""
     eval_every: int = Field(1, ge=1)
+    """Evaluate every this many rounds (and the last round)."""
+    eval_last: int = Field(0, ge=0)
+    """Also evaluate each of the last N rounds, whatever ``eval-every`` says: ``compare`` and the tuner average
+    the last 3 evaluated rounds, so ``eval-every = rounds, eval-last = 3`` gives the same table at three
+    evaluations (for models whose evaluation is costly, e.g. the posterior average of a CNN)."""
     validation_fraction: float = Field(0.0, ge=0.0, le=1.0)
     """f > 0: set aside a validation set of round(f · n) examples, n = the examples the clients hold: a
     stratified sample (seeded by ``seed``) of the training-file examples no client holds, so the clients' data

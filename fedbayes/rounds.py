@@ -262,11 +262,12 @@ class Round:
         return self.updates
 
     def row(self, elapsed: Callable[[], float], *, evaluate: bool = True) -> dict[str, Any]:
-        """The metrics row: the evaluation (every ``eval-every`` rounds and the last; none with ``evaluate=False``),
+        """The metrics row: the evaluation (every ``eval-every`` rounds, each of the last ``eval-last`` and the last;
+        none with ``evaluate=False``),
         then the round's facts; ``elapsed()`` gives the run's wall time so far (read after the evaluation)."""
         exp, r = self.exp, self.server_round
         row: dict[str, Any] = {"round": r}
-        if evaluate and (r % exp.run.eval_every == 0 or r == exp.run.rounds):
+        if evaluate and (r % exp.run.eval_every == 0 or r > exp.run.rounds - max(exp.run.eval_last, 1)):
             fed = cast("Federation", self.fed)  # evaluating needs the federation's data
             x_ev, y_ev, prefix = fed.eval_data()  # the test set, or the validation set (eval-split): val_* keys
             row.update(evaluate_global(fed.rule, fed.model, x_ev, y_ev, fed.data.task, exp, r, fed.device, prefix))

@@ -251,3 +251,14 @@ def test_one_client_is_the_federations_client() -> None:
                 assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="partition-id 9 out of range"):
         one_client(exp, 9)
+
+
+@pytest.mark.parametrize("every, last, evaluated", [(1, 0, [1, 2, 3, 4, 5]), (2, 0, [2, 4, 5]), (10, 0, [5]),
+                                                    (10, 2, [4, 5]), (2, 3, [2, 3, 4, 5])])
+def test_eval_every_and_eval_last_choose_the_evaluated_rounds(every: int, last: int, evaluated: list[int]) -> None:
+    """Rounds r with r % eval-every == 0, the last eval-last rounds, and always the last round."""
+    flat = {"algorithm": "fedavg", "dataset": "synthetic-classification", "num-clients": 2, "rounds": 5,
+            "hidden": "4", "epochs": 1, "seed": 1, "eval-every": every, "eval-last": last}
+    rows = engine.run_experiment(flat, None, progress=False)
+    assert [r["round"] for r in rows if "test_accuracy" in r] == evaluated
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]

@@ -52,3 +52,40 @@ def test_include_restricts_and_orders_the_algorithms(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text('extends = "digits-10-het"\ninclude = ["fedavg", "nope"]\n')
     with pytest.raises(ConfigError, match=r"'include' names \['nope'\]"):
         load_preset(str(tmp_path / "bad.toml"))
+
+
+def test_search_space_tables_move_a_rules_edges(tmp_path: Path) -> None:
+    """``[search-space.A]`` rebounds A's dimensions (inherited through ``extends``); the study's space uses them."""
+    from fedbayes.algorithms import REGISTRY
+    from fedbayes.algorithms.space import LogUniform
+    from simulations.tune.spec import make_spec
+
+    (tmp_path / "wide.toml").write_text(
+        'extends = "digits-10-het"\n[search-space.bayes-admm]\nlr = [2e-3, 3e-2]\nrho-k = [1, 4]\n')
+    (tmp_path / "child.toml").write_text(f'extends = "{tmp_path / "wide.toml"}"\n')
+    for name in ("wide", "child"):
+        p = load_preset(str(tmp_path / f"{name}.toml"))
+        assert p.search_space == {"bayes-admm": {"lr": LogUniform(2e-3, 3e-2), "rho-k": LogUniform(1.0, 4.0)}}
+    spec = make_spec(str(tmp_path / "child.toml"), "bayes-admm", 2, out=tmp_path / "study")
+    assert spec.space == {**REGISTRY["bayes-admm"].search_space, "lr": LogUniform(2e-3, 3e-2),
+                          "rho-k": LogUniform(1.0, 4.0)}
+    assert make_spec("digits-10-het", "bayes-admm", 2, out=tmp_path / "s2").space == REGISTRY["bayes-admm"].search_space
+    # a preset's sparse evaluation is for its final runs: trials evaluate every round (the pruner's input)
+    (tmp_path / "sparse.toml").write_text('extends = "digits-10-het"\n[base]\neval-every = 20\neval-last = 3\n')
+    base = make_spec(str(tmp_path / "sparse.toml"), "fedavg", 2, out=tmp_path / "s3").base
+    assert (base["eval-every"], base["eval-last"]) == (1, 0)
+
+
+@pytest.mark.parametrize("table, match", [
+    ("[search-space.nope]\nlr = [1e-3, 1e-2]", "unknown algorithm 'nope'"),
+    ("[search-space.fedavg]\nmu = [1e-3, 1e-2]", r"'mu' is not in fedavg's search space; valid: \['lr'\]"),
+    ("[search-space.fedavg]\nlr = [1e-2, 1e-3]", r"fedavg\] lr: LogUniform: need finite low < high"),
+    ("[search-space.fedavg]\nlr = [0, 1e-3]", r"fedavg\] lr: LogUniform needs low > 0"),
+    ("[search-space.fedavg]\nlr = 1e-3", r"fedavg\] lr: log-uniform\[0.0001, 0.01\]: give \[low, high\]"),
+    ("[search-space.fedavg]\nlr = ['a', 'b']", "must be numbers"),
+    ("[search-space]\nfedavg = 3", r"\[search-space.fedavg\]: must be a table"),
+])
+def test_search_space_errors_name_the_problem(table: str, match: str, tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text(f'extends = "digits-10-het"\n{table}\n')
+    with pytest.raises(ConfigError, match=match):
+        load_preset(str(tmp_path / "bad.toml"))

@@ -9,7 +9,9 @@ such as ``rho``)::
 A :class:`Dim` knows how to ask a sampler for a value (:meth:`Dim.suggest`, through the small
 :class:`Suggester` protocol that an ``optuna.Trial`` satisfies, so this module does not import Optuna), whether a
 value lies inside it, and how to describe itself (the description is stored with a study, so a study is never
-continued with other ranges).  Keys that are not in the space keep the preset's values.
+continued with other ranges).  Keys that are not in the space keep the preset's values.  A preset may move a
+dimension's edges for its own model (``[search-space.bayes-admm] lr = [2e-3, 3e-2]``, :meth:`Dim.rebound`): the
+ranges are made for the papers' MLP, and IVON's useful ``lr`` scales with its ``hess-init``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 __all__ = ["Choice", "Dim", "IntRange", "LogUniform", "Suggester", "Uniform", "describe_space"]
@@ -53,6 +55,19 @@ class Dim(ABC):
     def bounds(self) -> list[Any]:
         """Values at the edges of the dimension (used to check a space against the config's validation)."""
         return []
+
+    def rebound(self, value: Any) -> Dim:
+        """The same kind of dimension over other edges: ``[low, high]`` (a float or integer range) or the list
+        of options (:class:`Choice`); how a preset's ``[search-space.A]`` table widens or narrows a rule's space
+        for a model it was not made for.  Raises ``ValueError`` naming what is wrong."""
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise ValueError(f"{self.describe()}: give [low, high], got {value!r}")
+        low, high = value
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
+            raise ValueError(f"{self.describe()}: [low, high] must be numbers, got {value!r}")
+        if isinstance(self, IntRange) and not all(isinstance(v, int) for v in (low, high)):
+            raise ValueError(f"{self.describe()}: [low, high] must be integers, got {value!r}")
+        return replace(self, low=low, high=high)  # type: ignore[call-arg]
 
 
 def _check_range(low: float, high: float, what: str) -> None:
@@ -153,6 +168,11 @@ class Choice(Dim):
 
     def describe(self) -> str:
         return "choice[" + ", ".join(repr(o) for o in self.options) + "]"
+
+    def rebound(self, value: Any) -> Dim:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{self.describe()}: give the list of options, got {value!r}")
+        return Choice(tuple(value))
 
     def bounds(self) -> list[Any]:
         return list(self.options)

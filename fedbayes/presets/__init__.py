@@ -5,7 +5,9 @@ algorithm it compares (that algorithm's hyperparameters and local settings, name
 introduced it), and optionally ``[centralized]`` (overrides for the pooled-data upper bound).  A preset may
 start from another one with ``extends = "NAME"`` (its tables are copied, then this file's keys override them
 key by key): a harder split that must use a tuned preset's values *unchanged* says so this way; ``include =
-[...]`` restricts (and orders) the algorithms it compares.  Keys are the
+[...]`` restricts (and orders) the algorithms it compares; ``[search-space.NAME]`` moves the edges of that
+algorithm's tuning ranges (``lr = [2e-3, 3e-2]``; :meth:`fedbayes.algorithms.space.Dim.rebound`) for a model the
+built-in ranges were not made for.  Keys are the
 flat kebab-case keys of :mod:`fedbayes.config`; every table is validated when the preset is loaded, so a typo
 fails before any training starts.
 
@@ -65,6 +67,8 @@ class Preset:
     base: dict[str, Any]
     algorithms: dict[str, dict[str, Any]]
     centralized: dict[str, Any] = field(default_factory=dict)
+    search_space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``[search-space.A]``: per algorithm, the tuner's dimensions this preset moves (key -> :class:`Dim`)."""
 
     def config_for(self, algorithm: str, sets: dict[str, Any] | None = None) -> dict[str, Any]:
         """The flat config of one algorithm: base ← algorithm table ← ``sets``.  A key of ``sets`` replaces the
@@ -130,13 +134,14 @@ def load_preset(name_or_path: str) -> Preset:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"preset {p}: {e}") from None
-    allowed = {"description", "extends", "include", "base", "algorithms", "centralized"}
+    allowed = {"description", "extends", "include", "base", "algorithms", "centralized", "search-space"}
     bad = sorted(set(data) - allowed)
     if bad:
         raise ConfigError(f"preset {p.name}: unknown table(s) {bad}; valid: {sorted(allowed)}")
     base: dict[str, Any] = {}
     algorithms: dict[str, dict[str, Any]] = {}
     centralized: dict[str, Any] = {}
+    search_space: dict[str, dict[str, Any]] = {}
     if "extends" in data:  # start from another preset (e.g. its tuned values, unchanged), then override
         parent_name = str(data["extends"])
         if parent_name in _loading:
@@ -148,10 +153,13 @@ def load_preset(name_or_path: str) -> Preset:
             _loading.discard(parent_name)
         base, centralized = dict(parent.base), dict(parent.centralized)
         algorithms = {k: dict(v) for k, v in parent.algorithms.items()}
+        search_space = {k: dict(v) for k, v in parent.search_space.items()}
     base.update(data.get("base", {}))
     for k, v in data.get("algorithms", {}).items():
         algorithms.setdefault(k, {}).update(v)
     centralized.update(data.get("centralized", {}))
+    for algo, dims in _search_space_tables(p.name, data.get("search-space", {})).items():
+        search_space.setdefault(algo, {}).update(dims)
     if "include" in data:  # compare only these algorithms (e.g. of an extended preset), in this order
         include = [str(a) for a in data["include"]]
         missing = [a for a in include if a not in algorithms]
@@ -165,6 +173,7 @@ def load_preset(name_or_path: str) -> Preset:
         base=base,
         algorithms=algorithms,
         centralized=centralized,
+        search_space=search_space,
     )
     for algo in preset.algorithms:
         try:
@@ -174,6 +183,33 @@ def load_preset(name_or_path: str) -> Preset:
     resolve(centralized_config(preset, 0))
     resolve(centralized_ivon_config(preset, 0))
     return preset
+
+
+def _search_space_tables(preset: str, tables: Any) -> dict[str, dict[str, Any]]:
+    """Validate ``[search-space.A]`` tables: A a registered algorithm, each key one of A's search-space keys,
+    each value new edges for that dimension (:meth:`fedbayes.algorithms.space.Dim.rebound`)."""
+    from fedbayes.algorithms import REGISTRY
+    from fedbayes.config import ConfigError
+
+    if not isinstance(tables, dict):
+        raise ConfigError(f"preset {preset}: [search-space] must hold one table per algorithm, "
+                          "e.g. [search-space.bayes-admm] lr = [2e-3, 3e-2]")
+    out: dict[str, dict[str, Any]] = {}
+    for algo, dims in tables.items():
+        if algo not in REGISTRY:
+            raise ConfigError(f"preset {preset} [search-space.{algo}]: " + unknown("algorithm", algo, REGISTRY))
+        space = REGISTRY[algo].search_space
+        if not isinstance(dims, dict):
+            raise ConfigError(f"preset {preset} [search-space.{algo}]: must be a table of key = [low, high]")
+        for key, value in kebab_keys(dims).items():
+            if key not in space:
+                raise ConfigError(f"preset {preset} [search-space.{algo}]: '{key}' is not in {algo}'s search "
+                                  f"space; valid: {sorted(space)}")
+            try:
+                out.setdefault(algo, {})[key] = space[key].rebound(value)
+            except ValueError as e:
+                raise ConfigError(f"preset {preset} [search-space.{algo}] {key}: {e}") from None
+    return out
 
 
 def apply_preset(explicit: Mapping[str, Any], preset: str | None = AUTO) -> tuple[dict[str, Any], str | None]:

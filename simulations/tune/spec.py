@@ -65,7 +65,8 @@ class TuneSpec:
     base
         The flat config of a trial before the sampled values.
     space
-        The search space (keys fixed by ``--set`` removed).
+        The search space: the algorithm's, with the preset's ``[search-space.A]`` edges (keys fixed by ``--set``
+        removed).
     table
         The preset's ``[algorithms.A]`` table with the ``--set`` keys fixed from the space.
     sets
@@ -171,15 +172,20 @@ def make_spec(
         base["rounds"] = rounds
     base.setdefault("validation-fraction", DEFAULT_VALIDATION_FRACTION)
     base["eval-split"] = "validation"
+    for key, every_round in (("eval-every", 1), ("eval-last", 0)):  # the pruner judges every round on the (small)
+        if key not in user:                                       # validation set; a preset's sparse test-set
+            base[key] = every_round                               # evaluation is for its final runs
+
     try:
         exp = resolve(base)
     except ConfigError as e:
         raise ConfigError(f"tune {algorithm} on preset {p.name}: {e}") from None
     if predictor == "bma" and exp.run.bma_samples == 0:
         raise ConfigError("--predictor bma needs bma-samples > 0")
-    space = {k: d for k, d in cls.search_space.items() if k not in user}
+    full = {**cls.search_space, **p.search_space.get(algorithm, {})}  # the preset may move edges
+    space = {k: d for k, d in full.items() if k not in user}
     if not space:
-        raise ConfigError(f"--set fixes every key of {algorithm}'s search space {sorted(cls.search_space)}: "
+        raise ConfigError(f"--set fixes every key of {algorithm}'s search space {sorted(full)}: "
                           "nothing left to tune")
     for key, dim in space.items():  # the config must accept the space's edges
         for v in dim.bounds():
@@ -188,7 +194,7 @@ def make_spec(
             except ConfigError as e:
                 raise ConfigError(f"search space of {algorithm}: {key} = {v!r} is rejected: {e}") from None
     table = kebab_keys(p.algorithms.get(algorithm, {}))
-    table.update({k: v for k, v in user.items() if k in cls.search_space})
+    table.update({k: v for k, v in user.items() if k in full})
     folder = Path(out) if out is not None else Path("runs") / "tune" / p.name / algorithm
     own = storage is None
     url = storage if storage is not None else f"sqlite:///{(folder / 'study.db').resolve()}"
