@@ -58,3 +58,20 @@ def test_every_docs_page_in_navigation() -> None:
     pages = sorted(str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md"))
     absent = [p for p in pages if p not in nav]
     assert not absent, f"docs pages missing from mkdocs.yml's nav: {absent}"
+
+
+def test_readme_python_example_runs_as_written(tmp_path: Path) -> None:
+    """The "Use it from Python" block, run as written (in a scratch folder): it prints the accuracy the README
+    states next to it."""
+    text = README.read_text()
+    section = text.split("## Use it from Python", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code, "README: no python block under 'Use it from Python'"
+    claim = re.search(r"# (0\.\d\d) here", code.group(1))
+    assert claim, "README: the Python example states no result ('# 0.xx here')"
+    out = subprocess.run([sys.executable, "-c", code.group(1)], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = float(out.stdout.strip().splitlines()[-1])
+    assert f"{printed:.2f}" == claim.group(1), (printed, claim.group(1))
+    assert (tmp_path / "runs" / "digits-python" / "metrics.jsonl").exists()
