@@ -288,3 +288,20 @@ def test_validation_fraction_above_one_half_only_from_unused_examples() -> None:
         Federation.build(resolve({**FAST, "validation-fraction": 0.6}))
     with pytest.raises(ConfigError, match="validation"):
         resolve({**FAST, "validation-fraction": 1.5})
+
+
+def test_parallel_workers_run_the_enqueued_preset_point_once(tmp_path: Path) -> None:
+    """With --jobs 2 a fresh study's trial 0 (the preset's point, enqueued) runs in one process before the
+    workers start: two workers once both took it, and the second died on "Cannot tell a COMPLETE trial"."""
+    out = tmp_path / "study"
+    assert main(["tune", *TUNE, "--algorithm", "fedavg", "--trials", "4", "--jobs", "2", "--out", str(out)]) == 0
+    con = sqlite3.connect(f"file:{out / 'study.db'}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT number, state, datetime_start, datetime_complete FROM trials "
+                           "ORDER BY number").fetchall()
+    finally:
+        con.close()
+    assert all(r[1] in ("COMPLETE", "PRUNED") for r in rows), rows
+    assert len(rows) == 4
+    first_done = rows[0][3]
+    assert all(r[2] >= first_done for r in rows[1:]), rows  # nothing started before trial 0 finished

@@ -311,6 +311,7 @@ def tune(spec: TuneSpec) -> dict[str, Any]:
         The folder or storage holds another study (nothing is changed), or another command holds the folder.
     """
     import optuna
+    from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_identity(spec)  # before anything is written
@@ -340,6 +341,13 @@ def tune(spec: TuneSpec) -> dict[str, Any]:
                 print(f"[tune] {spec.study_name}: {counts['finished']}/{spec.trials} finished; running {remaining} "
                       f"trial(s) with {min(spec.jobs, remaining)} process(es) -> {spec.out}", flush=True)
             shares = _shares(remaining, spec.jobs)
+            waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            if waiting and len(shares) > 1:
+                # Optuna may hand an enqueued (WAITING) trial to every worker that asks at once (optuna#4002):
+                # two workers ran trial 0 and the second died on "Cannot tell a COMPLETE trial". One process
+                # runs the enqueued trials first; the parallel workers follow (this pass is not an attempt).
+                _worker((spec, waiting, _sampler_seed(spec, counts["finished"], 0, attempt), 0))
+                continue
             work = [(spec, n, _sampler_seed(spec, counts["finished"], i, attempt), int(len(shares) > 1))
                     for i, n in enumerate(shares)]
             if len(work) == 1:
