@@ -1,7 +1,7 @@
 """The fedbayes Flower ServerApp: the run config -> an experiment -> :class:`server.strategy.FedBayesStrategy`.
 
 ``context.run_config`` (``[tool.flwr.app.config]`` in pyproject.toml, overridden by ``flwr run -c``) is split
-into fedbayes' flat config and the Flower-only keys by :func:`server.runconfig.split_run_config` (unset keys take
+into fedbayes' flat config and the Flower-only keys by :func:`fedbayes.runconfig.split_run_config` (unset keys take
 the ``preset``'s values, by default the dataset's preset, as ``fedbayes run`` does) and validated
 by :func:`fedbayes.config.resolve` before anything else happens: a bad key stops the run with an error naming
 it, and the results folder of an earlier run is not touched.  The folder is written only once the nodes are
@@ -51,8 +51,8 @@ def main(grid: Grid, context: Context) -> None:
     from fedbayes.provenance import provenance
     from fedbayes.results import CheckpointError, ResultsWriter
     from fedbayes.resume import load_resume, prepare_folder
+    from fedbayes.runconfig import experiment_from_run_config
     from server.logs import configure_server_logging
-    from server.runconfig import experiment_from_run_config
     from server.strategy import FedBayesStrategy
 
     configure_server_logging(context.run_config.get("verbose") is True)  # before anything is logged

@@ -93,7 +93,7 @@ def _compare(clients: int, work: Path) -> dict[str, Any]:
 
 def _deployment(work: Path, rounds: int = 2) -> dict[str, Any]:
     from fedbayes.results import read_metrics
-    from server.runconfig import overrides_toml, run_config_overrides
+    from fedbayes.runconfig import overrides_toml, run_config_overrides
     from simulations.deployment import LocalDeployment
     from simulations.flower_engine import project_root
     from simulations.processes import flwr_run

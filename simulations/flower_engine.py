@@ -100,7 +100,7 @@ def run_flower_simulation(
     """
     from fedbayes.config import resolve
     from fedbayes.results import read_metrics
-    from server.runconfig import overrides_toml, run_config_overrides
+    from fedbayes.runconfig import overrides_toml, run_config_overrides
 
     exp = resolve(flat_config)
     if num_supernodes != exp.run.num_clients:

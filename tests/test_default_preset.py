@@ -13,7 +13,7 @@ import pytest
 from fedbayes.cli import _flat_from_args, build_parser, main
 from fedbayes.config import ConfigError, load_config_file, resolve
 from fedbayes.presets import DATASET_PRESETS, apply_preset, load_preset
-from server.runconfig import split_run_config
+from fedbayes.runconfig import split_run_config
 from simulations.flower_engine import project_root
 
 PYPROJECT_CFG: dict[str, Any] = {}

@@ -28,8 +28,7 @@ from fedbayes.federation import Federation
 from fedbayes.protocol import encode_task
 from fedbayes.results import read_metrics, read_posterior
 from fedbayes.rounds import client_config
-from server.app import main as server_main
-from server.runconfig import (
+from fedbayes.runconfig import (
     DEMO_DEFAULTS,
     FLOWER_KEYS,
     app_run_config,
@@ -39,6 +38,7 @@ from server.runconfig import (
     run_config_overrides,
     split_run_config,
 )
+from server.app import main as server_main
 from simulations.flower_engine import project_root
 
 ROOT = project_root()
@@ -339,7 +339,7 @@ def test_pyproject_run_config_lists_every_key() -> None:
     assert {k: v for k, v in want.items() if v != ""} == {
         "preset": "auto", "algorithm": "bayes-admm", **DEMO_DEFAULTS,
         **{k: v for k, v in FLOWER_KEYS.items() if v != ""}}
-    hint = "regenerate [tool.flwr.app.config] with `python -m server.runconfig`"
+    hint = "regenerate [tool.flwr.app.config] with `python -m fedbayes.runconfig`"
     assert set(PYPROJECT_CFG) == set(want), (hint, set(PYPROJECT_CFG) ^ set(want))
     assert {k for k in want if PYPROJECT_CFG[k] != want[k]} == set(), hint
     assert pyproject_section() in (ROOT / "pyproject.toml").read_text(), hint

@@ -20,7 +20,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from server.runconfig import overrides_toml  # noqa: E402
+from fedbayes.runconfig import overrides_toml  # noqa: E402
 from simulations.flower_engine import project_root  # noqa: E402
 from simulations.processes import (  # noqa: E402
     Proc,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedbayes.results import read_metrics
-from server.runconfig import overrides_toml, run_config_overrides
+from fedbayes.runconfig import overrides_toml, run_config_overrides
 from simulations.deployment import LocalDeployment
 from simulations.flower_engine import project_root
 from simulations.processes import alive, flwr_run

@@ -12,8 +12,8 @@ import pytest
 
 from fedbayes.cli import main
 from fedbayes.results import read_metrics
+from fedbayes.runconfig import split_run_config
 from server.logs import HeadlineFilter, colour_wanted, configure_server_logging
-from server.runconfig import split_run_config
 from simulations.processes import EchoFilter
 
 MAX_LINES = 12

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,11 @@ def test_flower_package_and_server_app_import_boundaries() -> None:
     flwr_users = [p for p in (ROOT / "fedbayes").rglob("*.py")
                   if "flower" not in p.parts and "from flwr" in p.read_text()]
     assert flwr_users == []
+    # the wheel holds fedbayes and simulations, not server/ or client/: neither may import them (the `fedbayes`
+    # script, whose sys.path lacks the repository, failed `run --engine flower` on `import server.runconfig`)
+    app_users = [p for d in ("fedbayes", "simulations") for p in (ROOT / d).rglob("*.py")
+                 if re.search(r"^\s*(from|import) (server|client)\b", p.read_text(), re.M)]
+    assert app_users == []
 
 
 @pytest.mark.slow

@@ -46,8 +46,8 @@ from client.task import FAULTS_ENV, garbage_reply, node_fault
 from fedbayes.config import ConfigError, load_config_file
 from fedbayes.engine import run_experiment
 from fedbayes.results import CheckpointError, read_metrics, read_posterior
+from fedbayes.runconfig import app_run_config, overrides_toml, run_config_overrides
 from server.app import main as server_main
-from server.runconfig import app_run_config, overrides_toml, run_config_overrides
 from simulations.deployment import LocalDeployment
 from simulations.flower_engine import project_root, run_flower_simulation
 from simulations.processes import alive, flwr_run

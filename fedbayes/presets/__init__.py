@@ -13,7 +13,7 @@ fails before any training starts.
 
 A run that names no preset starts from its dataset's default preset (:data:`DATASET_PRESETS`,
 :func:`apply_preset`), under the keys it sets itself: ``fedbayes run`` and Flower's run config
-(``preset = "auto"``, :mod:`server.runconfig`) resolve a run the same way.
+(``preset = "auto"``, :mod:`fedbayes.runconfig`) resolve a run the same way.
 
 Importing this module imports no torch: the ``fedbayes`` parser reads :data:`DATASET_PRESETS` and
 :func:`preset_names` for its help, and ``fedbayes --help`` must stay fast (``tests/test_cli_ux.py``); the

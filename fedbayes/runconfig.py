@@ -26,7 +26,7 @@ its data and model; a ClientApp reads no presets and of the run config only ``da
 ``hidden`` and ``exclude-clients`` are comma-separated strings (``"200,100"``).  Every problem raises
 :class:`fedbayes.config.ConfigError` naming the key.  This module imports neither flwr nor torch at import time.
 
-When fedbayes gains a config key, regenerate the section with ``python -m server.runconfig`` (a test compares
+When fedbayes gains a config key, regenerate the section with ``python -m fedbayes.runconfig`` (a test compares
 pyproject.toml with :func:`pyproject_run_config`).
 """
 
@@ -71,7 +71,7 @@ FLOWER_KEYS: dict[str, Any] = {
 }
 """Keys only the Flower app reads, with their defaults.  ``resolved-preset`` names the preset a command already
 applied to the keys it sends (``fedbayes run --engine flower`` sends every key with ``preset = ""``), for the
-ServerApp's first line only; ``verbose`` shows Flower's own INFO output (:mod:`server.logs`)."""
+ServerApp's first line only; ``verbose`` shows Flower's own INFO output (the app's `server/logs.py`)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class FlowerOptions:
     resolved_preset
         The preset the submitting command applied itself (``resolved-preset``; None: none or not said).
     verbose
-        Show Flower's own INFO lines (``verbose``; default: only fedbayes' headline lines, :mod:`server.logs`).
+        Show Flower's own INFO lines (``verbose``; default: only fedbayes' headline lines, the app's `server/logs.py`).
     """
 
     out_dir: Path
