@@ -31,7 +31,7 @@ demo: setup data
 	FEDBAYES_THREADS=1 OMP_NUM_THREADS=1 $(FEDBAYES) compare --preset demo --jobs 2 --out runs/demo
 
 lint: setup
-	$(VENV)/bin/ruff check fedbayes server client simulations tests
+	$(VENV)/bin/ruff check fedbayes server client simulations tests examples
 	$(VENV)/bin/mypy
 
 # the documentation site (MkDocs, strict: a broken link or docstring reference fails), into build/site

@@ -10,9 +10,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-
 from fedbayes.data import load_dataset, partition
+from torch.utils.data import DataLoader, Dataset
 
 
 class Net(nn.Module):
