@@ -116,13 +116,14 @@ class FedDyn(Rule):
 
 class FedLap(Rule):
     """FedLap (Swaroop et al. 2025): Laplace-ADMM with prior precision δ (``prior_prec``) and ``rho`` (or
-    ``rho_k`` = Kρ)."""
+    ``rho_k`` = |S|ρ, |S| the participants per round)."""
 
     algorithm = "fedlap"
 
 
 class FedLapCov(Rule):
-    """FedLap-Cov: damped diagonal-GGN Laplace sites (damping ``rho`` ≤ 2/K, or ``rho_k``)."""
+    """FedLap-Cov: damped diagonal-GGN Laplace sites (damping ``rho`` ≤ 2/|S|, or ``rho_k`` = |S|ρ,
+    |S| the participants per round)."""
 
     algorithm = "fedlap-cov"
 

@@ -361,8 +361,8 @@ def resolve(flat: Mapping[str, Any]) -> Experiment:
         algo = algo_cls.Config.model_validate({k: v for k, v in norm.items() if k in algo_keys})
     except ValidationError as e:
         raise ConfigError(_format(e, f"{run.algorithm} config")) from None
-    try:  # checks that need the federation's size K (e.g. fedlap-cov's rho <= 2/K)
-        algo_cls.check_config(algo, run.num_clients - len(set(run.exclude_clients)))
+    try:  # checks that need the federation's size K or |S| (e.g. fedlap-cov's rho <= 2/|S|)
+        algo_cls.check_config(algo, run.num_clients - len(set(run.exclude_clients)), run.participants_per_round())
     except ValueError as e:
         raise ConfigError(f"invalid {run.algorithm} config: {e}") from None
     return Experiment(run=run, algo=algo)

@@ -100,7 +100,8 @@ class Federation:
         template = {k: v.detach() for k, v in model.named_parameters()}
         store = make_store(exp, out_dir, {k: tuple(v.shape) for k, v in template.items()})
         active = [c for c in range(run.num_clients) if c not in set(run.exclude_clients)]
-        rule = exp.algorithm_cls(template, run.num_clients, exp.algo, store=store, active=active)
+        rule = exp.algorithm_cls(template, run.num_clients, exp.algo, store=store, active=active,
+                                 participants=run.participants_per_round())
         device = resolve_device(run.device)
         ydt = torch.long if data.task == "classification" else torch.float32
         client_data = [
@@ -147,7 +148,8 @@ class Federation:
         template = {k: v.detach() for k, v in model.named_parameters()}
         store = make_store(exp, out_dir, {k: tuple(v.shape) for k, v in template.items()})
         active = [c for c in range(run.num_clients) if c not in set(run.exclude_clients)]
-        rule = exp.algorithm_cls(template, run.num_clients, exp.algo, store=store, active=active)
+        rule = exp.algorithm_cls(template, run.num_clients, exp.algo, store=store, active=active,
+                                 participants=run.participants_per_round())
         device = resolve_device(run.device)
         client_data: list[Any] = [(c[0], targets(c[1], user.task)) if isinstance(c, tuple) else (c, None)
                                   for c in user.clients]  # (Dataset, None): the trainer's form of a Dataset

@@ -109,6 +109,40 @@ def test_fedlap_global_sums_only_active_duals() -> None:
     close(flat(rule.global_mean()), rho * ma + rho * mc)  # w_g = Σ_active vₖ from w_g = 0
 
 
+def test_fedlap_rho_k_is_per_participant_under_partial_participation() -> None:
+    """rho-k = |S|ρ with |S| the expected participants per round: two of the three active clients a round and
+    rho-k = 1 make round 1 exactly the participants' average (from w_g = 0); ρ = rho-k/K would give a third of
+    the step's weight to each instead of a half."""
+    rule = FedLap(params(INIT), K, FedLap.Config(prior_prec=2.0, rho_k=1.0), active=ACTIVE, participants=2)
+    assert rule.rho == 0.5
+    ma, mc = t(1.0, 2.0, 3.0), t(5.0, 6.0, -1.0)
+    rule.aggregate(1, [ClientUpdate(client=0, num_examples=10, mean=params(ma)),
+                       ClientUpdate(client=2, num_examples=30, mean=params(mc))])
+    close(flat(rule.global_mean()), (ma + mc) / 2)
+    # the other rules' n stays K: bayes-admm's α = 1/(1 + ρK) and ess depend on ρK, not on participation
+    admm = BayesADMM(params(INIT), K, BayesADMM.Config(rho_k=1.5), active=ACTIVE, participants=2)
+    assert admm.rho == 0.5 and admm.alpha == pytest.approx(1 / (1 + 0.5 * 3))
+
+
+def test_fedlap_cov_damping_bound_is_per_participant() -> None:
+    """fedlap-cov's ρ ≤ 2/|S|: rho = 0.5 is a full step for |S| = 2 participants a round but diverges for 3
+    (the server step is |S|ρ); the config check and the constructor say so, naming |S|."""
+    FedLapCov(params(INIT), K, FedLapCov.Config(rho=0.9), active=ACTIVE, participants=2)
+    with pytest.raises(ValueError, match=r"2/\|S\| = 0.666667 for \|S\|=3"):
+        FedLapCov(params(INIT), K, FedLapCov.Config(rho=0.9), active=ACTIVE)
+    with pytest.raises(ValueError, match="participants must be >= 1"):
+        FedLap(params(INIT), K, FedLap.Config(), participants=0)
+
+
+def test_resolve_reads_participants_per_round_for_the_damping_check() -> None:
+    from fedbayes.config import ConfigError, resolve
+
+    base = {"algorithm": "fedlap-cov", "dataset": "digits", "num-clients": 10, "rho": 0.5}
+    resolve({**base, "clients-per-round": 0.4})  # |S| = 4: 0.5 ≤ 2/4
+    with pytest.raises(ConfigError, match=r"\|S\|=10 participants"):
+        resolve(base)
+
+
 # ------------------------------------------------- against a federation that never had the client (the engine)
 def federation_without(flat: dict[str, Any], out: list[int], monkeypatch: pytest.MonkeyPatch
                        ) -> tuple[list[dict[str, Any]], Any, list[int]]:

@@ -12,11 +12,14 @@ and the server damps the sites (ρ = dual step):
 m_g is itself the sum, kept running: m_g ← m_g + Σ_{k∈S} (vₖ_new − vₖ_old), so a round costs O(participants ×
 parameters), not O(K × parameters); it is recomputed from the client store every ``RECOMPUTE_EVERY`` rounds.
 
-**ρ and K.**  m_g = Σₖ vₖ moves by ρ·Σₖ(mₖ − m_g) = Kρ times the clients' average displacement: Kρ is the server
-step (Kρ = 1 makes round 1 exactly FedAvg's average; Kρ ≪ 1 shrinks the global towards 0, Kρ > 2 overshoots).
-So ρ is given as ``rho-k`` = Kρ (default 1: the reference's ρ = 0.1 at K = 10), which transfers across K; an
-explicit ``rho`` (the paper's scale) overrides it.  (A search over ρ on a log scale without this wasted most
-trials at Kρ ≪ 1, where the model stays at chance.)
+**ρ and the participants.**  m_g = Σₖ vₖ moves by ρ·Σ_{k∈S}(mₖ − m_g) = |S|ρ times the participants' average
+displacement: |S|ρ is the server step (|S|ρ = 1 makes round 1 exactly FedAvg's average; |S|ρ ≪ 1 shrinks the
+global towards 0, |S|ρ > 2 overshoots).  So ρ is given as ``rho-k`` = |S|ρ (default 1: the reference's ρ = 0.1
+at K = 10, every client every round), with |S| the expected participants per round (``clients-per-round`` of
+the K clients), which transfers across federation sizes and participation rates; an explicit ``rho`` (the
+paper's scale) overrides it.  (A search over ρ on a log scale without this wasted most trials at |S|ρ ≪ 1,
+where the model stays at chance; and ρ = ``rho-k``/K with 10 of 100 clients a round, an earlier form, left
+FedLap at 0.39 test accuracy after 50 rounds of MNIST with 2 classes per client, against FedAvg's 0.91.)
 
 Fixed point: the MAP estimate under N(0, δ⁻¹I).  Round 1 starts from the model's initial weights (m_g = 0
 would leave a sigmoid MLP symmetric); its prior is N(0, δ⁻¹I), as in the reference (vₖ = 0, w_g = 0).
@@ -52,9 +55,11 @@ class Client(State):
 
 
 class FedLapConfig(KScaledRho):
+    participates: ClassVar[bool] = True
     prior_prec: float = Field(1.0, gt=0.0, description="δ: prior precision and penalty (summed-loss units)")
-    rho: float | None = Field(None, gt=0.0, le=1.0, description="dual step / site damping ρ (default rho-k / K)")
-    rho_k: float | None = Field(None, gt=0.0, le=2.0, description="Kρ, the server step (default 1; K-free)")
+    rho: float | None = Field(None, gt=0.0, le=1.0, description="dual step / site damping ρ (default rho-k / |S|)")
+    rho_k: float | None = Field(None, gt=0.0, le=2.0, description="|S|ρ, the server step, |S| the participants per "
+                                "round (default 1; free of K and the participation rate)")
 
 
 class FedLap(Algorithm[Global, Client]):
@@ -69,8 +74,8 @@ class FedLap(Algorithm[Global, Client]):
 
     @property
     def rho(self) -> float:
-        """ρ = ``rho`` if given, else ``rho-k``/K (K the federation's size)."""
-        return self.config.effective_rho(len(self.active))
+        """ρ = ``rho`` if given, else ``rho-k``/|S| (|S| the expected participants per round)."""
+        return self.config.effective_rho(len(self.active), self.participants)
 
     def init_state(self, init_mean: Params) -> Global:
         return Global(mean=self.zeros(), start=init_mean)

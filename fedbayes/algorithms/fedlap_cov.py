@@ -9,12 +9,15 @@ CIFAR — a privacy leak we do not copy).  New site: s̃ = Hₖ, η̃ = Hₖmₖ
 
 (identical to damping the natural parameters of the site).
 
-**ρ and K.**  Where a client's curvature Hₖ ≈ 0 its site is only a linear pull s₋ₖ(mₖ − m₋ₖ) of the full cavity
-precision, so when all K clients move, the global mean moves by ≈ Kρ times their average displacement: Kρ is
-the server step, and ρ > 2/K overshoots and diverges (ρ = 0.5 with K = 10 collapsed to chance for ~40 rounds).
-So ρ is derived from K: ``rho-k`` = Kρ (default 1, a full step; the reference's ρ = 0.1 at K = 10) transfers
-across federation sizes; an explicit ``rho`` (the paper's scale) overrides it; ρ > 2/K is rejected before
-training.
+**ρ and the participants.**  Where a client's curvature Hₖ ≈ 0 its site is only a linear pull s₋ₖ(mₖ − m₋ₖ) of
+the full cavity precision, so when the |S| participants of a round move, the global mean moves by ≈ |S|ρ times
+their average displacement: |S|ρ is the server step, and ρ > 2/|S| overshoots and diverges (ρ = 0.5 with
+K = |S| = 10 collapsed to chance for ~40 rounds).  So ρ is derived from |S|, the expected participants per round
+(``clients-per-round`` of the K clients): ``rho-k`` = |S|ρ (default 1, a full step; the reference's ρ = 0.1 at
+K = 10, every client every round) transfers across federation sizes and participation rates; an explicit
+``rho`` (the paper's scale) overrides it; ρ > 2/|S| is rejected before training.  (ρ = ``rho-k``/K, an earlier
+form, gave a tenth of the step with 10 of 100 clients a round: 0.41 test accuracy after 30 rounds of MNIST
+with 2 classes per client, against FedAvg's 0.76.)
 
 **Posterior average.**  The global posterior keeps precision ≈ δ where the GGN is ≈ 0, far too wide to sample whole
 networks from (posterior-averaged accuracy 0.23–0.26 against 0.77–0.84 for the mean on Fashion-MNIST); the
@@ -36,8 +39,10 @@ __all__ = ["FedLapCov", "FedLapCovConfig"]
 
 
 class FedLapCovConfig(SiteConfig, KScaledRho):
-    rho: float | None = Field(None, gt=0.0, le=1.0, description="site damping ρ ≤ 2/K (default: rho-k / K)")
-    rho_k: float | None = Field(None, gt=0.0, le=2.0, description="Kρ, the server step (default 1; K-free)")
+    participates: ClassVar[bool] = True
+    rho: float | None = Field(None, gt=0.0, le=1.0, description="site damping ρ ≤ 2/|S| (default: rho-k / |S|)")
+    rho_k: float | None = Field(None, gt=0.0, le=2.0, description="|S|ρ, the server step, |S| the participants per "
+                                "round (default 1; free of K and the participation rate)")
 
 
 class FedLapCov(SiteRule):
@@ -51,13 +56,14 @@ class FedLapCov(SiteRule):
     config: FedLapCovConfig
 
     @classmethod
-    def check_config(cls, config: AlgorithmConfig, num_clients: int) -> None:
+    def check_config(cls, config: AlgorithmConfig, num_clients: int, participants: int | None = None) -> None:
         assert isinstance(config, FedLapCovConfig)
-        rho = config.effective_rho(num_clients)
-        if rho > 2.0 / num_clients:
-            raise ValueError(f"fedlap-cov: rho={rho:g} > 2/K = {2.0 / num_clients:g} for K={num_clients} clients "
-                             "diverges (the server step is K·rho); use rho <= 1/K or set rho-k in (0, 2]")
+        n = participants if participants is not None else num_clients
+        rho = config.effective_rho(num_clients, n)
+        if rho > 2.0 / n:
+            raise ValueError(f"fedlap-cov: rho={rho:g} > 2/|S| = {2.0 / n:g} for |S|={n} participants a round "
+                             "diverges (the server step is |S|·rho); use rho <= 1/|S| or set rho-k in (0, 2]")
 
     @property
     def rho(self) -> float:
-        return self.config.effective_rho(len(self.active))
+        return self.config.effective_rho(len(self.active), self.participants)

@@ -410,7 +410,8 @@ class FedBayes(Strategy):
                 raise ValueError(f"the built rule has {rule.K} clients and parameters {dict(rule.shapes)}, the run "
                                  f"{self.num_clients} clients and initial arrays {shapes}")
         else:
-            rule = self._rule_cls(template, exp.run.num_clients, exp.algo, store=MemoryStore())
+            rule = self._rule_cls(template, exp.run.num_clients, exp.algo, store=MemoryStore(),
+                                  participants=exp.run.participants_per_round())
         if resume is not None:
             try:
                 resume.load_into(rule)

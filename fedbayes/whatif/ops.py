@@ -318,7 +318,8 @@ def forget(
     exp = resolve(flat)
     # the state must load into the rule the resumed run will build
     template = {k: v.detach() for k, v in run.fed.model.named_parameters()}
-    check_rule = exp.algorithm_cls(template, exp.run.num_clients, exp.algo)
+    check_rule = exp.algorithm_cls(template, exp.run.num_clients, exp.algo,
+                                    participants=exp.run.participants_per_round())
     check_rule.load_state_tensors(state)
     new_active = [c for c in run.active if c not in ids]
     writer = ResultsWriter(folder, exp.to_flat())

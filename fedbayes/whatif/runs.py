@@ -42,7 +42,8 @@ def build_federation(
     if compact and len(active) != exp.run.num_clients:
         template = {k: v.detach() for k, v in fed.model.named_parameters()}
         store = fed.rule.store if isinstance(fed.rule.store, DiskStore) else None
-        fed.rule = exp.algorithm_cls(template, len(active), exp.algo, store=store)
+        fed.rule = exp.algorithm_cls(template, len(active), exp.algo, store=store,
+                                     participants=exp.run.participants_per_round())
     return fed, active
 
 
@@ -198,7 +199,8 @@ def run_federation(
         exp = resolve({**exp.to_flat(), "seed": train_seed})
         model = make_model(exp, fed.data)
         template = {k: v.detach() for k, v in model.named_parameters()}
-        rule = exp.algorithm_cls(template, exp.run.num_clients, exp.algo, active=fed.rule.active)
+        rule = exp.algorithm_cls(template, exp.run.num_clients, exp.algo, active=fed.rule.active,
+                                 participants=exp.run.participants_per_round())
         fed = dataclasses.replace(fed, exp=exp, model=model, rule=rule)
     writer = ResultsWriter(out, exp.to_flat()) if out is not None else None
     rows = run_rounds(fed, exp, [], writer, stop_round=stop_round, progress=progress, checkpoint=False,
