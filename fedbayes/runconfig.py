@@ -134,26 +134,22 @@ def _number(key: str, v: Any, *, minimum: float) -> float:
     return x
 
 
+def _typed(vals: Mapping[str, Any], key: str, kind: type, what: str, nonempty: bool = False) -> Any:
+    """``vals[key]`` if it is a ``kind`` (and, with ``nonempty``, not blank), else the error "must be ``what``"."""
+    v = vals[key]
+    if not isinstance(v, kind) or (nonempty and not str(v).strip()):
+        raise _config_error(f"run config '{key}' must be {what}, got {v!r}")
+    return v
+
+
 def _options(cfg: Mapping[str, Any]) -> FlowerOptions:
     vals = {k: cfg.get(k, d) for k, d in FLOWER_KEYS.items()}
-    out = vals["out-dir"]
-    if not isinstance(out, str) or not out.strip():
-        raise _config_error(f"run config 'out-dir' must be a non-empty path string, got {out!r}")
-    data = vals["data-dir"]
-    if not isinstance(data, str):
-        raise _config_error(f"run config 'data-dir' must be a path string ('' = default cache), got {data!r}")
-    resume = vals["resume-from"]
-    if not isinstance(resume, str):
-        raise _config_error(f"run config 'resume-from' must be a results folder path ('' = fresh run), got {resume!r}")
-    preset = vals["preset"]
-    if not isinstance(preset, str):
-        raise _config_error(f"run config 'preset' must be \"auto\", a preset name or \"\" (none), got {preset!r}")
-    resolved = vals["resolved-preset"]
-    if not isinstance(resolved, str):
-        raise _config_error(f"run config 'resolved-preset' must be a preset name or \"\", got {resolved!r}")
-    verbose = vals["verbose"]
-    if not isinstance(verbose, bool):
-        raise _config_error(f"run config 'verbose' must be true or false, got {verbose!r}")
+    out = _typed(vals, "out-dir", str, "a non-empty path string", nonempty=True)
+    data = _typed(vals, "data-dir", str, "a path string ('' = default cache)")
+    resume = _typed(vals, "resume-from", str, "a results folder path ('' = fresh run)")
+    preset = _typed(vals, "preset", str, '"auto", a preset name or "" (none)')
+    resolved = _typed(vals, "resolved-preset", str, 'a preset name or ""')
+    verbose = _typed(vals, "verbose", bool, "true or false")
     return FlowerOptions(
         out_dir=Path(out).expanduser(),
         data_dir=Path(data).expanduser() if data.strip() else None,
