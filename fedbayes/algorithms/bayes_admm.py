@@ -118,8 +118,9 @@ class BayesADMM(Algorithm[ADMMState, Client]):
         # around the reference's values (lr 5e-5, τ 1e-3, ρK 2, γ 1e-3, δ 1), each a decade or two either way.
         # lr and γ reach higher than the reference: on fmnist-10-het (validation, 50 rounds) lr 1e-3 beat 1e-4
         # and 3.7e-4 in accuracy (3e-3 diverges), and γ = 0.05 cut validation NLL from 0.57 to 0.49 against 4.5e-4.
+        # γ reaches 1 (until 2026-12-07: 0.5): γ = 1 beat the tuned 0.283 on every split it was tried on.
         "lr": LogUniform(3e-5, 2e-3), "temperature": LogUniform(1e-4, 1e-2), "prior-prec": LogUniform(0.1, 10.0),
-        "rho-k": LogUniform(0.5, 10.0), "damping": LogUniform(1e-3, 0.5),
+        "rho-k": LogUniform(0.5, 10.0), "damping": LogUniform(1e-3, 1.0),
     }
     bayesian: ClassVar[bool] = True
     signed_sites: ClassVar[bool] = True  # replies are checked as prior + site > 0 (also right for clamped sites)
