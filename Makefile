@@ -26,9 +26,11 @@ test: setup data
 	@set +e; $(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
-# two runs at a time, one torch thread each (faster than one run with two threads on a 2-core machine)
+# two runs at a time, one torch thread each (faster than one run with two threads on a 2-core machine); --force:
+# runs/demo is the demo's own folder, so a demo whose preset changed since the last `make demo` reruns (finished
+# runs with the same settings are reused) instead of refusing the folder
 demo: setup data
-	FEDBAYES_THREADS=1 OMP_NUM_THREADS=1 $(FEDBAYES) compare --preset demo --jobs 2 --out runs/demo
+	FEDBAYES_THREADS=1 OMP_NUM_THREADS=1 $(FEDBAYES) compare --preset demo --jobs 2 --force --out runs/demo
 
 lint: setup
 	$(VENV)/bin/ruff check fedbayes server client simulations tests examples

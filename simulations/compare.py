@@ -153,16 +153,17 @@ def grid_rows(
     centralized: bool = True,
 ) -> list[tuple[str, dict[str, Any]]]:
     """The (row name, flat config) of every cell of a preset's grid: each (algorithm, seed), then the pooled-data
-    rows ``centralized`` and ``centralized-ivon`` per seed (``centralized``)."""
+    rows ``centralized`` and ``centralized-ivon`` per seed (``centralized``; those of the preset's
+    ``centralized-rows``)."""
     rows: list[tuple[str, dict[str, Any]]] = []
     for algo in algorithms:
         for s in seeds:
             rows.append((algo, {**preset.config_for(algo, sets), "seed": s}))
-    if centralized:
-        for s in seeds:
-            rows.append(("centralized", centralized_config(preset, s, sets)))
-        for s in seeds:
-            rows.append(("centralized-ivon", centralized_ivon_config(preset, s, sets)))
+    if centralized:  # the preset's centralized-rows (default both)
+        if "centralized" in preset.centralized_rows:
+            rows += [("centralized", centralized_config(preset, s, sets)) for s in seeds]
+        if "centralized-ivon" in preset.centralized_rows:
+            rows += [("centralized-ivon", centralized_ivon_config(preset, s, sets)) for s in seeds]
     return rows
 
 

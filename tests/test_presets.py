@@ -54,6 +54,28 @@ def test_include_restricts_and_orders_the_algorithms(tmp_path: Path) -> None:
         load_preset(str(tmp_path / "bad.toml"))
 
 
+def test_centralized_rows_pick_the_pooled_rows_compare_adds(tmp_path: Path) -> None:
+    """``centralized-rows`` (inherited through ``extends``) decides which pooled-data rows the grid holds."""
+    from simulations.compare import grid_rows
+
+    def names(preset: str, centralized: bool = True) -> list[str]:
+        return [n for n, _ in grid_rows(load_preset(preset), ["fedavg"], [0, 1], centralized=centralized)]
+
+    assert names("digits-10-het") == ["fedavg", "fedavg", "centralized", "centralized", "centralized-ivon",
+                                      "centralized-ivon"]
+    (tmp_path / "one.toml").write_text('extends = "digits-10-het"\ncentralized-rows = ["centralized-ivon"]\n')
+    (tmp_path / "child.toml").write_text(f'extends = "{tmp_path / "one.toml"}"\n')
+    (tmp_path / "none.toml").write_text('extends = "digits-10-het"\ncentralized-rows = []\n')
+    assert names(str(tmp_path / "child.toml")) == ["fedavg", "fedavg", "centralized-ivon", "centralized-ivon"]
+    assert names(str(tmp_path / "none.toml")) == ["fedavg", "fedavg"]
+    assert names("digits-10-het", centralized=False) == ["fedavg", "fedavg"]
+    assert load_preset("demo").centralized_rows == ("centralized",)
+    for bad in ('"centralized"', '["centralised"]', '["centralized", "centralized"]', "[1]"):
+        (tmp_path / "bad.toml").write_text(f'extends = "digits-10-het"\ncentralized-rows = {bad}\n')
+        with pytest.raises(ConfigError, match="centralized-rows must be a list of distinct names"):
+            load_preset(str(tmp_path / "bad.toml"))
+
+
 def test_search_space_tables_move_a_rules_edges(tmp_path: Path) -> None:
     """``[search-space.A]`` rebounds A's dimensions (inherited through ``extends``); the study's space uses them."""
     from fedbayes.algorithms import REGISTRY

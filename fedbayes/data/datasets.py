@@ -296,18 +296,22 @@ def load_dataset(
     folder = dataset_dir(name, data_dir)
     if spec.needs_fetch:
         verify_cache(name, spec.cache_files, folder)
-    x_tr, y_tr, x_te, y_te = spec.loader(folder, seed)
-    if spec.pixel_max is not None and not raw_pixels:
-        scale = np.float32(spec.pixel_max)
-        x_tr, x_te = x_tr.astype(np.float32) / scale, x_te.astype(np.float32) / scale
+    x_tr, y_tr, x_te, y_te = spec.loader(folder, seed)  # pixels may come as uint8: converted after subsetting
+    scale = np.float32(spec.pixel_max) if spec.pixel_max is not None and not raw_pixels else None
+
+    def features(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32)  # exact for uint8 pixels; a new array either way (the loader's stays unscaled)
+        return x / scale if scale is not None else x
+
     keep = np.arange(len(y_tr), dtype=np.int64)
     if frac < 1.0:  # the same draw with or without keep_rest: the training subset never depends on it
         keep = stratified_subset(y_tr, frac, np.random.default_rng(seed)).astype(np.int64)
     left = np.setdiff1d(np.arange(len(y_tr), dtype=np.int64), keep) if keep_rest else None
-    x_rest = None if left is None else np.ascontiguousarray(x_tr[left], dtype=np.float32)
+    x_rest = None if left is None else np.ascontiguousarray(features(x_tr[left]))
     y_rest = None if left is None else y_tr[left]
     if frac < 1.0:
         x_tr, y_tr = x_tr[keep], y_tr[keep]
+    x_tr, x_te = features(x_tr), features(x_te)
     shape = spec.input_shape if spec.input_shape is not None else (int(x_tr.shape[1]),)
     if x_rest is not None:
         x_rest = x_rest.reshape(-1, *shape)

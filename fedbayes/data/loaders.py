@@ -74,13 +74,15 @@ def _standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, n
 def load_idx_cache(folder: Path, seed: int) -> Arrays:
     """fmnist / mnist: ``train.npz`` and ``test.npz`` with uint8 ``x`` (N, 28, 28) and uint8 ``y``.
 
-    Returns the raw pixel values 0-255 as ``float32`` (:func:`load_dataset` scales them).
+    Returns the raw pixel values 0-255 as flat ``uint8`` rows: :func:`load_dataset` converts only the rows it
+    keeps to ``float32`` (converting all 60,000 training images first cost ~2-5 s of every run's start-up, most of
+    it spent allocating 188 MB, for the 10 % the fmnist presets keep).
     """
     out = []
     for split in ("train", "test"):
         with np.load(folder / f"{split}.npz", allow_pickle=False) as z:
             x, y = z["x"], z["y"]
-        out += [x.reshape(len(x), -1).astype(np.float32), y.astype(np.int64)]
+        out += [x.reshape(len(x), -1), y.astype(np.int64)]
     return out[0], out[1], out[2], out[3]
 
 

@@ -2,7 +2,9 @@
 
 A preset has a ``[base]`` table (run keys shared by every algorithm), one ``[algorithms.NAME]`` table per
 algorithm it compares (that algorithm's hyperparameters and local settings, named as in the paper that
-introduced it), and optionally ``[centralized]`` (overrides for the pooled-data upper bound).  A preset may
+introduced it), and optionally ``[centralized]`` (overrides for the pooled-data upper bound) and
+``centralized-rows`` (which pooled-data rows ``fedbayes compare`` adds: ``centralized``, ``centralized-ivon``;
+default both).  A preset may
 start from another one with ``extends = "NAME"`` (its tables are copied, then this file's keys override them
 key by key): a harder split that must use a tuned preset's values *unchanged* says so this way; ``include =
 [...]`` restricts (and orders) the algorithms it compares; ``[search-space.NAME]`` moves the edges of that
@@ -60,6 +62,10 @@ Datasets not listed (breast-cancer, the synthetic ones) keep the code's defaults
 AUTO = "auto"
 """``preset`` value meaning "the run's dataset's default preset" (:data:`DATASET_PRESETS`)."""
 
+CENTRALIZED_ROWS: tuple[str, ...] = ("centralized", "centralized-ivon")
+"""The pooled-data rows ``fedbayes compare`` can add: Adam with FedAvg's settings, IVON with the Bayesian rules'."""
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -69,6 +75,9 @@ class Preset:
     centralized: dict[str, Any] = field(default_factory=dict)
     search_space: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``[search-space.A]``: per algorithm, the tuner's dimensions this preset moves (key -> :class:`Dim`)."""
+    centralized_rows: tuple[str, ...] = CENTRALIZED_ROWS
+    """``centralized-rows``: which pooled-data rows ``fedbayes compare`` adds (default both; ``--no-centralized``
+    drops them all)."""
 
     def config_for(self, algorithm: str, sets: dict[str, Any] | None = None) -> dict[str, Any]:
         """The flat config of one algorithm: base ← algorithm table ← ``sets``.  A key of ``sets`` replaces the
@@ -134,7 +143,8 @@ def load_preset(name_or_path: str) -> Preset:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"preset {p}: {e}") from None
-    allowed = {"description", "extends", "include", "base", "algorithms", "centralized", "search-space"}
+    allowed = {"description", "extends", "include", "base", "algorithms", "centralized", "centralized-rows",
+               "search-space"}
     bad = sorted(set(data) - allowed)
     if bad:
         raise ConfigError(f"preset {p.name}: unknown table(s) {bad}; valid: {sorted(allowed)}")
@@ -142,6 +152,7 @@ def load_preset(name_or_path: str) -> Preset:
     algorithms: dict[str, dict[str, Any]] = {}
     centralized: dict[str, Any] = {}
     search_space: dict[str, dict[str, Any]] = {}
+    centralized_rows = CENTRALIZED_ROWS
     if "extends" in data:  # start from another preset (e.g. its tuned values, unchanged), then override
         parent_name = str(data["extends"])
         if parent_name in _loading:
@@ -154,6 +165,13 @@ def load_preset(name_or_path: str) -> Preset:
         base, centralized = dict(parent.base), dict(parent.centralized)
         algorithms = {k: dict(v) for k, v in parent.algorithms.items()}
         search_space = {k: dict(v) for k, v in parent.search_space.items()}
+        centralized_rows = parent.centralized_rows
+    if "centralized-rows" in data:  # e.g. the demo keeps only the Adam row
+        rows = data["centralized-rows"]
+        if not isinstance(rows, list) or not set(map(str, rows)) <= set(CENTRALIZED_ROWS) or len(set(rows)) < len(rows):
+            raise ConfigError(f"preset {p.name}: centralized-rows must be a list of distinct names from "
+                              f"{list(CENTRALIZED_ROWS)} (empty: none), got {rows!r}")
+        centralized_rows = tuple(r for r in CENTRALIZED_ROWS if r in rows)
     base.update(data.get("base", {}))
     for k, v in data.get("algorithms", {}).items():
         algorithms.setdefault(k, {}).update(v)
@@ -174,6 +192,7 @@ def load_preset(name_or_path: str) -> Preset:
         algorithms=algorithms,
         centralized=centralized,
         search_space=search_space,
+        centralized_rows=centralized_rows,
     )
     for algo in preset.algorithms:
         try:
