@@ -266,7 +266,9 @@ def test_site_rules_damped_sites_cavities_and_global(cls: type[Algorithm]) -> No
 @pytest.mark.parametrize("server_step", [None, 0.25])
 def test_bayes_admm_duals_and_server_step(server_step: float | None) -> None:
     d, rho, gamma = 2.0, 0.5, 0.5
-    rule = make(BayesADMM, prior_prec=d, rho=rho, damping=gamma, server_step=server_step, safe_prior=False)
+    # the mean over the clients heard from (server-mean = heard; the participants' mean: tests/test_exclusion.py)
+    rule = make(BayesADMM, prior_prec=d, rho=rho, damping=gamma, server_step=server_step, safe_prior=False,
+                server_mean="heard")
     assert isinstance(rule, BayesADMM) and isinstance(rule.config, BayesADMMConfig) and rule.needs_site()
     alpha = 1 / (1 + rho * K) if server_step is None else server_step  # default α = 1/(1 + ρK) = 0.4
     assert rule.alpha == pytest.approx(alpha, rel=1e-15)

@@ -64,6 +64,39 @@ def test_bayes_admm_alpha_and_averages_use_the_active_clients() -> None:
         rule.aggregate(2, [ClientUpdate(client=OUT, num_examples=5, site=gauss(SA))])
 
 
+@pytest.mark.parametrize("mean", ["heard", "participants"])
+def test_bayes_admm_server_mean_under_partial_participation(mean: str) -> None:
+    """Round 2 hears only client 0: ``heard`` averages its new λ₀' with client 2's stale λ₂, ``participants``
+    (as FedDyn) uses λ₀' alone; both keep the duals of every client in α(λ₀ + Σλ̂ₖ).  With every active client
+    replying (round 3) the two are the same equation."""
+    d, rho_k, gamma = 2.0, 1.5, 0.5
+    rule = make(BayesADMM, prior_prec=d, rho_k=rho_k, damping=gamma, safe_prior=False, server_mean=mean)
+    rho = rho_k / 3
+    alpha = 1 / (1 + rho * 3)
+    lam0 = torch.stack([t(0, 0, 0), t(d, d, d)])
+    rule.aggregate(1, [ClientUpdate(client=0, num_examples=10, site=gauss(SA)),
+                       ClientUpdate(client=2, num_examples=30, site=gauss(SB))])
+    post0, post2 = lam0 + SA, lam0 + SB
+    dual0, dual2 = gamma * rho * (post0 - lam0), gamma * rho * (post2 - lam0)
+    bar1 = (1 - alpha) * (post0 + post2) / 2 + alpha * (lam0 + dual0 + dual2)  # round 1: the same for both
+    close(as_nat(rule.global_posterior()), bar1)
+    sc = torch.stack([t(0.5, 0.5, -0.5), t(2.0, 1.0, 3.0)])
+    rule.aggregate(2, [ClientUpdate(client=0, num_examples=10, site=gauss(sc))])
+    post0b = bar1 - dual0 / rho + sc  # λₖ = πₖ + site, πₖ = λ̄ − λ̂ₖ/ρ
+    dual0b = dual0 + gamma * rho * (post0b - bar1)
+    mean_post = post0b if mean == "participants" else (post0b + post2) / 2
+    bar2 = (1 - alpha) * mean_post + alpha * (lam0 + dual0b + dual2)
+    close(as_nat(rule.global_posterior()), bar2)
+    sites = {0: SA, 2: SB, 3: sc}
+    priors = {c: as_nat(rule.configure(c, 3).prior) for c in ACTIVE}
+    rule.aggregate(3, [ClientUpdate(client=c, num_examples=10, site=gauss(sites[c])) for c in ACTIVE])
+    posts = {c: priors[c] + sites[c] for c in ACTIVE}
+    duals = {0: dual0b, 2: dual2, 3: 0 * dual2}
+    duals = {c: duals[c] + gamma * rho * (posts[c] - bar2) for c in ACTIVE}
+    bar3 = (1 - alpha) * sum(posts.values()) / 3 + alpha * (lam0 + sum(duals.values()))
+    close(as_nat(rule.global_posterior()), bar3)
+
+
 @pytest.mark.parametrize("cls", [PVI, FedLapCov])
 def test_site_rules_sum_only_active_sites(cls: type[Algorithm]) -> None:
     d, rho = 2.0, 0.5
