@@ -136,7 +136,8 @@ class PVI(Rule):
 
 class BayesADMM(Rule):
     """IVON-ADMM / Bayes-ADMM (Möllenhoff et al. 2025): duals in natural parameters; ``rho`` (or ``rho_k``),
-    ``prior_prec`` (δ), ``damping`` (γ), ``server_step`` (α)."""
+    ``prior_prec`` (δ), ``damping`` (γ), ``server_step`` (α), ``server_mean`` (``"participants"``, the default, or
+    ``"heard"``: which posteriors the server averages under partial participation)."""
 
     algorithm = "bayes-admm"
 

@@ -157,6 +157,17 @@ def test_fedlap_rho_k_is_per_participant_under_partial_participation() -> None:
     assert admm.rho == 0.5 and admm.alpha == pytest.approx(1 / (1 + 0.5 * 3))
 
 
+def test_bayes_admm_default_rho_does_not_move_with_k() -> None:
+    """With neither rho nor rho-k, bayes-admm's ρ is 0.2 whatever the federation's size (α = 1/(1 + 0.2·|active|));
+    rho-k keeps meaning ρK; the other ρK-parametrised rules keep their default rho-k / n."""
+    admm = BayesADMM(params(INIT), K, BayesADMM.Config(), active=ACTIVE)
+    assert admm.rho == 0.2 and admm.alpha == pytest.approx(1 / (1 + 0.2 * 3))
+    for k in (1, 10, 100, 10_000):
+        assert BayesADMM.Config().effective_rho(k) == 0.2
+        assert BayesADMM.Config(rho_k=2.0).effective_rho(k) == pytest.approx(2.0 / k)
+    assert FedLap.Config().effective_rho(4) == pytest.approx(FedLap.Config.default_rho_k / 4)
+
+
 def test_fedlap_cov_damping_bound_is_per_participant() -> None:
     """fedlap-cov's ρ ≤ 2/|S|: rho = 0.5 is a full step for |S| = 2 participants a round but diverges for 3
     (the server step is |S|ρ); the config check and the constructor say so, naming |S|."""

@@ -81,10 +81,13 @@ class KScaledRho(AlgorithmConfig):
     round (``participates: ClassVar = True``): their global moves by ρ times the sum of the participants'
     displacements, so ρ|S| is the server step.  With full participation |S| = K; with 10 of 100 clients a round
     an n = K would shrink their step tenfold (on MNIST with 2 classes per client FedLap then stayed at 0.39 test
-    accuracy after 50 rounds).  Setting both is an error; with neither, ``default_rho_k`` applies.
+    accuracy after 50 rounds).  Setting both is an error; with neither, ``default_rho`` applies where the rule
+    gives one (a ρ that does not move with n), else ``default_rho_k``.
     """
 
     default_rho_k: ClassVar[float] = 1.0
+    default_rho: ClassVar[float | None] = None
+    """The default ρ itself, at any n (Bayes-ADMM: measured to transfer better than a fixed nρ)."""
     participates: ClassVar[bool] = False
     """n = |S| (the expected participants per round) instead of K."""
     alternative_keys: ClassVar[tuple[tuple[str, ...], ...]] = (("rho", "rho-k"),)
@@ -99,10 +102,13 @@ class KScaledRho(AlgorithmConfig):
         return self
 
     def effective_rho(self, num_clients: int, participants: int | None = None) -> float:
-        """ρ = ``rho`` if given, else ``rho-k``/n (``default_rho_k`` when neither is set), n = ``participants``
+        """ρ = ``rho`` if given, else ``rho-k``/n (when neither is set: ``default_rho``, or ``default_rho_k``/n),
+        n = ``participants``
         (default all ``num_clients``) for a rule with ``participates``, else ``num_clients``."""
         if self.rho is not None:
             return float(self.rho)
+        if self.rho_k is None and self.default_rho is not None:
+            return float(self.default_rho)
         n = participants if self.participates and participants is not None else num_clients
         return (self.rho_k if self.rho_k is not None else self.default_rho_k) / n
 
