@@ -38,7 +38,7 @@ import json
 import math
 import multiprocessing as mp
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,11 @@ def plan_cells(cells: Sequence[tuple[dict[str, Any], Path]], force: bool = False
     return plans
 
 
+POOLED_ROWS: dict[str, Callable[[Preset, int, dict[str, Any] | None], dict[str, Any]]] = {
+    "centralized": centralized_config, "centralized-ivon": centralized_ivon_config}
+"""The pooled-data rows (:data:`fedbayes.presets.CENTRALIZED_ROWS`) and the flat config of each, per seed."""
+
+
 def grid_rows(
     preset: Preset,
     algorithms: Sequence[str],
@@ -160,10 +165,8 @@ def grid_rows(
         for s in seeds:
             rows.append((algo, {**preset.config_for(algo, sets), "seed": s}))
     if centralized:  # the preset's centralized-rows (default both)
-        if "centralized" in preset.centralized_rows:
-            rows += [("centralized", centralized_config(preset, s, sets)) for s in seeds]
-        if "centralized-ivon" in preset.centralized_rows:
-            rows += [("centralized-ivon", centralized_ivon_config(preset, s, sets)) for s in seeds]
+        for name in preset.centralized_rows:
+            rows += [(name, POOLED_ROWS[name](preset, s, sets)) for s in seeds]
     return rows
 
 
@@ -397,12 +400,7 @@ def reported_predictions(preset: Preset, names: Sequence[str], sets: dict[str, A
     made before it was set are reused and reported as the preset says)."""
     out = {}
     for name in names:
-        if name == "centralized":
-            cfg = centralized_config(preset, 0, sets)
-        elif name == "centralized-ivon":
-            cfg = centralized_ivon_config(preset, 0, sets)
-        else:
-            cfg = preset.config_for(name, sets)
+        cfg = POOLED_ROWS[name](preset, 0, sets) if name in POOLED_ROWS else preset.config_for(name, sets)
         out[name] = str(resolve(cfg).run.reported_prediction)
     return out
 

@@ -103,8 +103,7 @@ class KScaledRho(AlgorithmConfig):
 
     def effective_rho(self, num_clients: int, participants: int | None = None) -> float:
         """ρ = ``rho`` if given, else ``rho-k``/n (when neither is set: ``default_rho``, or ``default_rho_k``/n),
-        n = ``participants``
-        (default all ``num_clients``) for a rule with ``participates``, else ``num_clients``."""
+        n = ``participants`` (default all ``num_clients``) for a rule with ``participates``, else ``num_clients``."""
         if self.rho is not None:
             return float(self.rho)
         if self.rho_k is None and self.default_rho is not None:

@@ -80,7 +80,9 @@ the MLP's tuned ones, which fail on a CNN.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
+from functools import reduce
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -232,10 +234,7 @@ class BayesADMM(Algorithm[ADMMState, Client]):
         a = self.alpha
         unseen = len(self.active) - self.seen_count()
         if self.config.server_mean == "participants" and 0 < len(fresh) < len(self.active):
-            fresh_sum = fresh[0]
-            for f in fresh[1:]:
-                fresh_sum = fresh_sum + f
-            mean_post = fresh_sum.scale((1 - a) / len(fresh))
+            mean_post = reduce(operator.add, fresh).scale((1 - a) / len(fresh))
         elif unseen == 0:  # (full participation from round 1: the paper's setting, written as the paper's equation)
             mean_post = post_sum.scale((1 - a) / len(self.active))
         else:  # the mean over the clients heard from: post_sum holds λ₀ for each unseen one
